@@ -90,15 +90,16 @@ def _check_scalar(name: str, t: torch.Tensor | None, device: torch.device | None
 def _check_no_overlap(groups: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> None:
     """No two tensors (of any list) may share memory: the kernels read and write them in parallel."""
     spans = []
-    for name, tensors in groups:
+    for group, (name, tensors) in enumerate(groups):
         for i, t in enumerate(tensors):
             if t.numel() > 0:
                 start = t.data_ptr()
-                spans.append((start, start + t.numel() * t.element_size(), name, i))
+                spans.append((start, start + t.numel() * t.element_size(), group, i))
     spans.sort()
-    for (_, end, name_a, i_a), (start, _, name_b, i_b) in zip(spans, spans[1:]):
+    for (_, end, group_a, i_a), (start, _, group_b, i_b) in zip(spans, spans[1:]):
         if start < end:
-            raise ValueError(f"fusedaccum: {name_a}[{i_a}] and {name_b}[{i_b}] overlap in memory")
+            (ga, ia), (gb, ib) = sorted([(group_a, i_a), (group_b, i_b)])
+            raise ValueError(f"fusedaccum: {groups[ga][0]}[{ia}] and {groups[gb][0]}[{ib}] overlap in memory")
 
 
 def _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real: bool) -> None:

@@ -1,0 +1,63 @@
+# The README's two commands: `make bench` and `make test`. On a fresh machine each creates .venv, installs
+# torch and the tools, builds fusedaccum from source (editable, in place) and runs.
+#
+# Options: TORCH_VERSION (default 2.14.1, a CUDA build: the CUDA kernels compile even without a GPU),
+# FUSEDACCUM_BUILD_CUDA=auto|1|0, MAX_JOBS, TORCH_CUDA_ARCH_LIST (see setup.py).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.14.1
+CPU_TORCH_VERSION ?= 2.13.0
+CPU_VENV ?= .venv-cputorch
+TOOLS = ninja pybind11 pytest hypothesis numpy matplotlib tqdm packaging setuptools wheel
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: all build test test-slow bench check-cpu-torch lint clean
+
+all: test
+
+$(VENV)/.installed:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) $(TOOLS)
+	touch $@
+
+build: $(VENV)/.installed
+	@echo "building fusedaccum (log: $(VENV)/build.log)"
+	@$(VENV)/bin/python -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 \
+		|| { tail -40 $(VENV)/build.log; exit 1; }
+	@grep -h "fusedaccum setup" $(VENV)/build.log | sort -u || true
+	@$(VENV)/bin/python -m fusedaccum.info
+
+test: build
+	$(VENV)/bin/pytest
+
+test-slow: build
+	HYPOTHESIS_PROFILE=large $(VENV)/bin/pytest tests/test_ops.py -k property
+
+bench: build
+	$(VENV)/bin/python -m benchmarks
+
+# The CPU-only-torch path: a second venv with a CPU build of torch, a normal (non-editable) install from a
+# copy of the tree, and the op tests against it. Also checks that FUSEDACCUM_BUILD_CUDA=1 refuses at once.
+check-cpu-torch:
+	@test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
+	$(CPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CPU_VENV)/bin/python -m pip install --quiet torch==$(CPU_TORCH_VERSION) pytest hypothesis setuptools wheel ninja
+	@rm -rf $(CPU_VENV)/src && mkdir -p $(CPU_VENV)/src
+	@git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(CPU_VENV)/src
+	@cd $(CPU_VENV)/src && if FUSEDACCUM_BUILD_CUDA=1 ../bin/python setup.py --version > ../refusal.log 2>&1; then \
+		echo "FUSEDACCUM_BUILD_CUDA=1 with a CPU-only torch should have failed"; exit 1; fi; \
+		tail -1 ../refusal.log
+	cd $(CPU_VENV)/src && FUSEDACCUM_BUILD_CUDA=auto ../bin/python -m pip install --no-build-isolation --no-deps -v . \
+		> ../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	@grep -h "fusedaccum setup" $(CPU_VENV)/build.log | sort -u
+	cd $(CPU_VENV)/src && ../bin/python -m fusedaccum.info && ../bin/pytest tests/test_ops.py
+
+lint:
+	$(VENV)/bin/python -m pip install --quiet ruff
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build *.egg-info fusedaccum/_C*.so fusedaccum/_build_info.py

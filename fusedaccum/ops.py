@@ -90,7 +90,7 @@ def _check_scalar(name: str, t: torch.Tensor | None, device: torch.device | None
 def _check_no_overlap(groups: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> None:
     """No two tensors (of any list) may share memory: the kernels read and write them in parallel."""
     spans = []
-    for group, (name, tensors) in enumerate(groups):
+    for group, (_, tensors) in enumerate(groups):
         for i, t in enumerate(tensors):
             if t.numel() > 0:
                 start = t.data_ptr()

@@ -1,0 +1,873 @@
+"""GradAccumulator: wrap any ``torch.optim.Optimizer`` so that the large-batch loop does exact gradient accumulation.
+
+The loop stays the one written for a large batch::
+
+    acc = fusedaccum.GradAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=8)
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        acc.step()            # adds the grads into fp32 masters; really steps on every 8th call
+        acc.zero_grad()
+
+Every micro-step is one fused pass per device (:func:`fusedaccum.ops.accumulate_`): the window's first
+micro-step overwrites the masters (no zeroing pass), the last one multiplies by 1/W (``post_scale``) and measures
+the squared norm (``sumsq``), every one sets a device flag on a non-finite grad (``found_inf``). The only host sync
+is one read of that flag per window, when the update is due. This module knows nothing about kernels beyond
+:mod:`fusedaccum.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from . import backends, ops
+
+__all__ = ["GradAccumulator", "MasterGradBuffer"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_KEY = "fusedaccum"
+_STATE_VERSION = 1
+# Bounds the scratch memory of the rare "scale the masters without a new grad" pass (see _scale_masters_only_).
+_ZERO_CHUNK_ELEMENTS = 1 << 22
+
+GroupKey = tuple[torch.device, torch.dtype]
+
+
+class MasterGradBuffer(NamedTuple):
+    """One flat float32 master-gradient buffer: every parameter of one (device, dtype) in parameter order.
+
+    ``buffer[offsets[i] : offsets[i] + params[i].numel()]`` is ``params[i]``'s master gradient (a later
+    per-bucket all-reduce or accumulate-during-backward mode addresses it through these offsets).
+    """
+
+    device: torch.device
+    param_dtype: torch.dtype
+    buffer: torch.Tensor
+    params: tuple[torch.Tensor, ...]
+    offsets: tuple[int, ...]
+
+
+@dataclass
+class _Entry:
+    """A trainable parameter and where its float32 master gradient (and master weight) live."""
+
+    param: torch.Tensor
+    position: int  # index in the flattened param_groups order (what state dicts compare)
+    key: GroupKey
+    offset: int
+    view: torch.Tensor  # float32 master gradient, the param's shape, a view of its group's buffer
+    master_weight: torch.Tensor | None  # float32 copy of a bf16/fp16 param when master_weights=True
+    version: int  # param._version when master_weight was last known to match the param
+
+
+class GradAccumulator(torch.optim.Optimizer):
+    """Turns ``accumulation_steps`` micro-batches into one exact large-batch update of ``optimizer``.
+
+    It is an Optimizer to the ecosystem: ``param_groups``, ``state`` and ``defaults`` *are* the wrapped
+    optimizer's (the same objects, so a learning-rate scheduler built on the wrapper drives the wrapped
+    optimizer), and ``add_param_group``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` behave as
+    usual. Call ``loss.backward(); acc.step(); acc.zero_grad()`` on every micro-batch.
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` except LBFGS, whose step re-evaluates
+            the loss, and SparseAdam, which needs sparse gradients).
+        accumulation_steps: micro-batches per update (an int >= 1).
+        reduction: ``"mean"`` (default): the update uses the mean of the window's micro-batch gradients, or
+            the weighted mean ``sum(w_i g_i) / sum(w_i)`` when ``step(weight=w_i)`` is given. ``"sum"``: the
+            (weighted) sum.
+        master_weights: keep float32 copies of bf16/fp16 parameters; the wrapped optimizer steps those (its state
+            is float32) and one cast-copy per update writes them back. Without it, bf16/fp16 parameters receive
+            their float32 master gradient rounded once to their dtype at the update.
+        max_grad_norm: clip the window's gradient to this total 2-norm (``torch.nn.utils.clip_grad_norm_``
+            semantics) using the norm measured in the last micro-step's fused pass.
+        backend: the :mod:`fusedaccum.ops` backend (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``);
+            default: ``$FUSEDACCUM_BACKEND``, else the fastest for the parameters' device.
+        scaler: a ``torch.amp.GradScaler`` whose ``scale(loss)`` produced the gradients. The wrapper unscales
+            them in the fused pass with the scaler's device scale (no host sync), skips a window in which any
+            micro-step overflowed, and calls ``scaler.update()`` once per window itself. Do not call
+            ``scaler.step``, ``scaler.unscale_`` or ``scaler.update`` yourself.
+
+    Raises:
+        TypeError / ValueError: bad arguments; nothing is created.
+    """
+
+    # GradScaler.step(opt) checks this and then hands the optimizer grad_scale/found_inf attributes instead of
+    # unscaling the grads in place; the wrapper uses that hook only to refuse the call with a clear message (the
+    # scaler must be updated once per window, which scaler.step + scaler.update per micro-batch cannot do).
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int,
+        *,
+        reduction: str = "mean",
+        master_weights: bool = False,
+        max_grad_norm: float | None = None,
+        backend: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        if isinstance(optimizer, GradAccumulator):
+            raise TypeError(
+                "fusedaccum: GradAccumulator cannot wrap another GradAccumulator (the gradients would be divided "
+                "twice); wrap the inner optimizer once, with the product of the two accumulation_steps"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"fusedaccum: GradAccumulator wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("fusedaccum: LBFGS re-evaluates the loss inside step(), which accumulation cannot serve")
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError("fusedaccum: SparseAdam needs sparse gradients; GradAccumulator keeps dense fp32 masters")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral):
+            raise TypeError(f"fusedaccum: accumulation_steps must be an int, got {accumulation_steps!r}")
+        if accumulation_steps < 1:
+            raise ValueError(f"fusedaccum: accumulation_steps must be >= 1, got {accumulation_steps}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"fusedaccum: reduction must be 'mean' or 'sum', got {reduction!r}")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real):
+                raise TypeError(f"fusedaccum: max_grad_norm must be a number or None, got {max_grad_norm!r}")
+            if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+                raise ValueError(f"fusedaccum: max_grad_norm must be finite and > 0, got {max_grad_norm}")
+        if backend is not None and backend not in backends.BACKENDS:
+            raise ValueError(f"fusedaccum: unknown backend {backend!r}; choose one of {backends.BACKENDS}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"fusedaccum: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+        # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
+        # methods (hooks, profiling names, the step wrapper) is set up here.
+        self._inner = optimizer
+        self._accumulation_steps = int(accumulation_steps)
+        self._reduction = reduction
+        self._master_weights = bool(master_weights)
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._backend = backend
+        self._scaler = scaler
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._patch_step_function()
+
+        # Window state.
+        self._micro_step = 0
+        self._weight_sum = 0.0
+        self._weighted: bool | None = None  # whether this window's micro-steps pass weight= (all or none)
+        self._stepped = False
+        self._skipped_windows = 0
+        self._grad_norm: torch.Tensor | None = None
+
+        # Layout (built from the param_groups; rebuilt when they change).
+        self._signature: tuple[int, ...] = ()
+        self._entries: list[_Entry] = []
+        self._by_param: dict[int, _Entry] = {}
+        self._index_of: dict[int, int] = {}
+        self._buffers: dict[GroupKey, torch.Tensor] = {}
+        self._touched: list[bool] = []  # per entry: got a grad in the current window
+        self._found_inf: dict[torch.device, torch.Tensor] = {}
+        self._sumsq: dict[torch.device, torch.Tensor] = {}
+        self._sync_layout(force=True)
+
+    # ------------------------------------------------------------------------------------- Optimizer facade
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._inner
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's ``param_groups`` (the same list)."""
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._inner.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's ``state`` (with ``master_weights=True`` keyed by the float32 master weights)."""
+        return self._inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._inner.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's ``defaults``."""
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._inner.defaults = value
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per update."""
+        return self._accumulation_steps
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the last :meth:`step` (or :meth:`flush`) applied an update: step LR schedulers when it is True."""
+        return self._stepped
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-steps accumulated in the current window (0 right after an update)."""
+        return self._micro_step
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """Total 2-norm of the last applied window's gradient, before clipping: a device tensor (no host sync)."""
+        return self._grad_norm
+
+    @property
+    def skipped_windows(self) -> int:
+        """How many windows were dropped because a gradient was inf or nan."""
+        return self._skipped_windows
+
+    def master_grad_buffers(self) -> list[MasterGradBuffer]:
+        """The flat float32 master-gradient buffers, one per (device, param dtype), parameters in order.
+
+        Between updates they hold the window's partial sums; only the regions of parameters that received a
+        gradient in the current window are meaningful.
+        """
+        out = []
+        for key, buffer in self._buffers.items():
+            entries = [e for e in self._entries if e.key == key]
+            out.append(
+                MasterGradBuffer(
+                    key[0], key[1], buffer, tuple(e.param for e in entries), tuple(e.offset for e in entries)
+                )
+            )
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Everything (copy.deepcopy / pickle of the model and the wrapper together keeps a half-finished window),
+        # except a step wrapper an LR scheduler put on this instance: it points at the original object.
+        state = self.__dict__.copy()
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # The lookups are keyed by object identity, which a copy changes.
+        self._by_param = {id(e.param): e for e in self._entries}
+        self._index_of = {id(e): i for i, e in enumerate(self._entries)}
+        self._signature = self._layout_signature([(e.position, e.param) for e in self._entries])
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradAccumulator({self._inner!r}, accumulation_steps={self._accumulation_steps}, "
+            f"reduction={self._reduction!r}, master_weights={self._master_weights}, "
+            f"max_grad_norm={self._max_grad_norm}, backend={self._backend!r})"
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer; works mid-window (new params join from now on)."""
+        self._inner.add_param_group(param_group)
+        self._sync_layout()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``. :meth:`step` already consumes (sets to None) the grads it reads, so in the
+        documented loop this finds nothing to do; it stays so the large-batch loop needs no change."""
+        torch.optim.Optimizer.zero_grad(self, set_to_none)
+
+    # ------------------------------------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], Any] | None = None, *, weight: float | torch.Tensor | None = None) -> Any:
+        """Accumulate this micro-batch's gradients; apply the update when the window is full.
+
+        Reads every parameter's ``.grad`` into its float32 master in one fused pass and sets ``.grad`` to None
+        (the gradient has moved into the master). On the window's last micro-step it checks for non-finite
+        gradients (one host sync), clips if asked, and steps the wrapped optimizer with the window's mean.
+
+        Args:
+            closure: optional; called (with grad enabled) before accumulating, it must run this micro-batch's
+                forward and backward and return its loss.
+            weight: this micro-batch's weight ``w_i`` (e.g. its token count): the window's gradient becomes
+                ``sum(w_i g_i) / sum(w_i)``. Give it on every micro-step of a window or on none. A number; a
+                tensor works but costs a host sync per micro-step.
+
+        Returns:
+            The closure's loss if a closure was given; else what the wrapped optimizer's ``step()`` returned on an
+            update micro-step, and None otherwise.
+
+        Raises:
+            ValueError / TypeError: bad weight, sparse or non-float gradients, weights given on only some
+                micro-steps of a window. RuntimeError: the update is due but no parameter received a gradient in
+                the whole window; ``scaler.step(acc)`` or ``scaler.unscale_(acc)`` was used. After any of these
+                nothing has changed (the grads are still in ``.grad``).
+        """
+        self._refuse_grad_scaler_step()
+        w = self._check_weight(weight)
+        self._check_weighting(weight is not None)
+        self._check_scaler_ready()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self._collect_grads()
+        last = self._micro_step + 1 == self._accumulation_steps
+        if last and not grads and not any(self._touched):
+            where = f"micro-step {self._micro_step + 1} of {self._accumulation_steps}"
+            raise RuntimeError(self._no_grads_message(where))
+
+        # Validation is over: from here on, state changes.
+        self._stepped = False
+        self._weighted = weight is not None
+        self._weight_sum += w
+        post_scale = self._post_scale() if last else 1.0
+        scale = self._micro_scale(w)
+        if last:
+            self._zero_sumsq()
+        by_device: dict[torch.device, list[tuple[_Entry, torch.Tensor]]] = {}
+        for entry, grad in grads:
+            by_device.setdefault(entry.key[0], []).append((entry, grad))
+        for device, pairs in by_device.items():
+            self._accumulate_device_(device, pairs, scale, post_scale, last)
+        for entry, _ in grads:
+            entry.param.grad = None  # consumed: the next backward writes a fresh grad, no zeroing pass needed
+            self._touched[self._entry_index(entry)] = True
+        if last:
+            # Params that got a grad earlier in the window but not now still need the 1/W and the norm.
+            fresh = {id(entry) for entry, _ in grads}
+            lagging = [e for e, t in zip(self._entries, self._touched) if t and id(e) not in fresh]
+            self._scale_masters_only_(lagging, post_scale)
+        self._micro_step += 1
+        result = self._finish_window() if last else None
+        return loss if closure is not None else result
+
+    def flush(self) -> bool:
+        """Apply the current short window now, with its true count (or weight sum); e.g. at the end of an epoch.
+
+        Costs one extra pass over the window's masters (the last micro-step did not know it was the last).
+
+        Returns:
+            Whether an update was applied (False if the window was empty or skipped for non-finite gradients).
+
+        Raises:
+            RuntimeError: the window has micro-steps but no parameter received a gradient in it (nothing changes).
+        """
+        self._refuse_grad_scaler_step()
+        if self._micro_step == 0:
+            self._stepped = False
+            return False
+        self._sync_layout()
+        if not any(self._touched):
+            raise RuntimeError(self._no_grads_message(f"flush() after {self._micro_step} micro-steps"))
+        self._stepped = False
+        self._zero_sumsq()
+        self._scale_masters_only_([e for e, t in zip(self._entries, self._touched) if t], self._post_scale())
+        self._finish_window()
+        return self._stepped
+
+    # --------------------------------------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"fusedaccum"`` entry: the window position, the weights
+        so far, the float32 master gradients (and master weights), the skipped-window count.
+
+        Like ``Optimizer.state_dict``, tensors are references: ``torch.save`` it (or deep-copy it) before training
+        on. Reading the window's inf flag costs one host sync.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        self._sync_layout()
+        with self._inner_sees_master_weights():
+            state = self._inner.state_dict()
+        found = self._combined(self._found_inf)
+        state[_STATE_KEY] = {
+            "version": _STATE_VERSION,
+            "accumulation_steps": self._accumulation_steps,
+            "reduction": self._reduction,
+            "master_weights": self._master_weights,
+            "micro_step": self._micro_step,
+            "weight_sum": self._weight_sum,
+            "weighted": self._weighted,
+            "stepped": self._stepped,
+            "skipped_windows": self._skipped_windows,
+            "grad_norm": self._grad_norm,
+            "found_inf": bool(found.item()) if found is not None else False,
+            "layout": self._layout_description(),
+            "touched": list(self._touched),
+            "master_grads": list(self._buffers.values()),
+            "master_weight_tensors": {
+                i: e.master_weight for i, e in enumerate(self._entries) if e.master_weight is not None
+            },
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (or a plain state dict of the wrapped optimizer's type, which starts a fresh
+        window). Saved at any micro-step, training continues bit-identically.
+
+        Raises:
+            ValueError: the state dict comes from another parameter layout (shapes, dtypes, which params are
+                trainable, group sizes), or mid-window from another accumulation_steps/reduction, or from another
+                master_weights setting. Nothing changes.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        inner_state = dict(state_dict)
+        ours = inner_state.pop(_STATE_KEY, None)
+        self._sync_layout()
+        if ours is not None:
+            self._check_loadable(ours)
+        with self._inner_sees_master_weights():
+            self._inner.load_state_dict(inner_state)
+        if ours is None:
+            self._reset_window()
+        else:
+            self._load_ours(ours)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_loadable(self, ours: dict[str, Any]) -> None:
+        if ours.get("version") != _STATE_VERSION:
+            raise ValueError(f"fusedaccum: unknown GradAccumulator state version {ours.get('version')!r}")
+        saved_layout = ours["layout"]
+        current = self._layout_description()
+        if saved_layout != current:
+            raise ValueError(
+                "fusedaccum: this state dict comes from another parameter layout and cannot be loaded here: "
+                f"{_first_difference(saved_layout, current)}"
+            )
+        if ours["master_weights"] != self._master_weights:
+            raise ValueError(
+                f"fusedaccum: the state dict was saved with master_weights={ours['master_weights']}, this wrapper "
+                f"has master_weights={self._master_weights}"
+            )
+        if ours["micro_step"] and (
+            ours["accumulation_steps"] != self._accumulation_steps or ours["reduction"] != self._reduction
+        ):
+            raise ValueError(
+                f"fusedaccum: the state dict holds a half-finished window of accumulation_steps="
+                f"{ours['accumulation_steps']}, reduction={ours['reduction']!r}; this wrapper has "
+                f"{self._accumulation_steps}, {self._reduction!r}. Load it at a window boundary or with equal settings"
+            )
+
+    def _load_ours(self, ours: dict[str, Any]) -> None:
+        for buffer, saved in zip(self._buffers.values(), ours["master_grads"]):
+            buffer.copy_(saved)
+        for index, saved in ours["master_weight_tensors"].items():
+            entry = self._entries[int(index)]
+            if entry.master_weight is not None:
+                entry.master_weight.copy_(saved)
+                entry.version = entry.param._version
+        self._touched = [bool(t) for t in ours["touched"]]
+        self._micro_step = int(ours["micro_step"])
+        self._weight_sum = float(ours["weight_sum"])
+        self._weighted = ours["weighted"]
+        self._stepped = bool(ours["stepped"])
+        self._skipped_windows = int(ours["skipped_windows"])
+        norm = ours["grad_norm"]
+        self._grad_norm = None if norm is None else norm.detach().clone()
+        for flag in self._found_inf.values():
+            flag.fill_(1.0 if ours["found_inf"] else 0.0)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _refuse_grad_scaler_step(self) -> None:
+        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            # Set by GradScaler.step(acc) right before it calls us; it only deletes them after a successful step.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise RuntimeError(
+                "fusedaccum: do not call scaler.step(acc) / scaler.update() on a GradAccumulator: the scale must "
+                "change once per window, not per micro-batch. Pass the scaler to the wrapper, "
+                "GradAccumulator(opt, N, scaler=scaler), and call scaler.scale(loss).backward(); acc.step() on "
+                "every micro-batch; the wrapper unscales in its fused pass and calls scaler.update() per window"
+            )
+
+    def _check_scaler_ready(self) -> None:
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        if scaler._scale is None:
+            raise RuntimeError(
+                "fusedaccum: the GradScaler has no scale yet: call scaler.scale(loss).backward() before acc.step()"
+            )
+        stage = scaler._per_optimizer_states.get(id(self), {}).get("stage")
+        if stage is not None and stage is not torch.amp.grad_scaler.OptState.READY:
+            raise RuntimeError(
+                "fusedaccum: scaler.unscale_(acc) was called; the wrapper unscales in its fused pass (unscaling "
+                "twice would be wrong). Use GradAccumulator(max_grad_norm=...) to clip"
+            )
+
+    @staticmethod
+    def _check_weight(weight: float | torch.Tensor | None) -> float:
+        if weight is None:
+            return 1.0
+        if isinstance(weight, torch.Tensor):
+            if weight.numel() != 1 or weight.dtype == torch.bool or weight.is_complex():
+                raise TypeError(f"fusedaccum: weight must be a number or a one-element tensor, got {weight!r}")
+            value = float(weight.item())
+        elif isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"fusedaccum: weight must be a positive number, got {weight!r}")
+        else:
+            value = float(weight)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"fusedaccum: weight must be finite and > 0, got {value}")
+        return value
+
+    def _collect_grads(self) -> list[tuple[_Entry, torch.Tensor]]:
+        """The (entry, dense contiguous grad) pairs of this micro-step; validates everything, changes nothing
+        but the layout (which a new trainable param extends)."""
+        found: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.layout != torch.strided or grad.is_sparse:
+                    raise ValueError(
+                        f"fusedaccum: a parameter of shape {tuple(p.shape)} has a sparse ({grad.layout}) gradient; "
+                        "GradAccumulator accumulates dense gradients only (e.g. nn.Embedding(sparse=False))"
+                    )
+                if p.dtype not in _FLOAT_DTYPES or grad.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(
+                        f"fusedaccum: a parameter is {p.dtype} with a {grad.dtype} gradient; GradAccumulator "
+                        f"supports {', '.join(str(d) for d in _FLOAT_DTYPES)} (float32 masters)"
+                    )
+                found.append((p, grad))
+        self._sync_layout()
+        out = []
+        for p, grad in found:
+            entry = self._by_param[id(p)]
+            out.append((entry, grad if grad.is_contiguous() else grad.contiguous()))
+        return out
+
+    def _check_weighting(self, weighted: bool) -> None:
+        if self._micro_step > 0 and self._weighted is not None and self._weighted != weighted:
+            raise ValueError(
+                "fusedaccum: step(weight=...) must be given on every micro-step of a window or on none; this window "
+                f"started {'with' if self._weighted else 'without'} weights"
+            )
+
+    @staticmethod
+    def _no_grads_message(where: str) -> str:
+        return (
+            f"fusedaccum: the update is due ({where}) but no parameter received a gradient in the whole window; "
+            "call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was changed)"
+        )
+
+    def _post_scale(self) -> float:
+        return 1.0 / self._weight_sum if self._reduction == "mean" else 1.0
+
+    def _micro_scale(self, w: float) -> float | torch.Tensor:
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled():
+            return w
+        # Same reciprocal as GradScaler.unscale_ (in float64, then float32), kept on the device: no host sync.
+        inv_scale = scaler._scale.double().reciprocal().float().reshape(1)
+        return inv_scale * w if w != 1.0 else inv_scale
+
+    def _zero_sumsq(self) -> None:
+        for t in self._sumsq.values():
+            t.zero_()
+
+    def _accumulate_device_(
+        self,
+        device: torch.device,
+        pairs: list[tuple[_Entry, torch.Tensor]],
+        scale: float | torch.Tensor,
+        post_scale: float,
+        last: bool,
+    ) -> None:
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(device, non_blocking=True)
+        first: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for entry, grad in pairs:
+            # A param's first grad of the window overwrites its master, whatever micro-step that is: no zeroing
+            # pass, and no stale values from the previous window.
+            masters, grads = rest if self._touched[self._entry_index(entry)] else first
+            masters.append(entry.view)
+            grads.append(grad)
+        for overwrite, (masters, grads) in ((True, first), (False, rest)):
+            if masters:
+                ops.accumulate_(
+                    masters, grads, scale, overwrite=overwrite, post_scale=post_scale, zero_grads=False,
+                    found_inf=self._found_inf[device], sumsq=self._sumsq[device] if last else None,
+                    backend=self._backend,
+                )
+
+    def _scale_masters_only_(self, entries: list[_Entry], post_scale: float) -> None:
+        """Multiply masters by ``post_scale`` and add their squares to sumsq, with no new gradient.
+
+        Rare: a param absent from the window's last micro-step, or :meth:`flush`. ``accumulate_`` needs a grad
+        list, so it gets zeros from one reusable bf16 scratch buffer (bounded size, several calls if needed).
+        """
+        by_device: dict[torch.device, list[_Entry]] = {}
+        for e in entries:
+            by_device.setdefault(e.key[0], []).append(e)
+        for device, group in by_device.items():
+            total = sum(e.view.numel() for e in group)
+            size = max(min(total, _ZERO_CHUNK_ELEMENTS), max(e.view.numel() for e in group))
+            zeros = torch.zeros(size, dtype=torch.bfloat16, device=device)
+            masters: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            used = 0
+            for e in group + [None]:
+                n = 0 if e is None else e.view.numel()
+                if masters and (e is None or used + n > size):
+                    ops.accumulate_(
+                        masters, grads, 1.0, post_scale=post_scale, zero_grads=False, sumsq=self._sumsq[device],
+                        backend=self._backend,
+                    )
+                    masters, grads, used = [], [], 0
+                if e is not None:
+                    masters.append(e.view)
+                    grads.append(zeros[used : used + n].view(e.view.shape))
+                    used += n
+
+    @staticmethod
+    def _combined(per_device: dict[torch.device, torch.Tensor]) -> torch.Tensor | None:
+        tensors = list(per_device.values())
+        if not tensors:
+            return None
+        total = tensors[0].clone()
+        for t in tensors[1:]:
+            total += t.to(total.device, non_blocking=True)
+        return total
+
+    def _finish_window(self) -> Any:
+        """The update of a complete window whose masters hold the final (scaled) gradient and sumsq its norm²."""
+        found = self._combined(self._found_inf)
+        sumsq = self._combined(self._sumsq)
+        norm = sumsq.sqrt()
+        coef = None
+        probe = found
+        if self._max_grad_norm is not None:
+            # clip_grad_norm_'s arithmetic, on the device: coef = min(max_norm / (norm + 1e-6), 1).
+            coef = torch.clamp(self._max_grad_norm / (norm + 1e-6), max=1.0)
+            probe = torch.cat([found, coef])
+        host = probe.tolist()  # the one host sync per window: skip or step must be decided on the host
+        overflow = host[0] != 0.0
+        if self._scaler is not None and self._scaler.is_enabled():
+            self._update_scaler(found)
+        if overflow:
+            self._skipped_windows += 1
+            self._reset_window()
+            self._stepped = False
+            return None
+        self._grad_norm = norm.reshape(())
+        if coef is not None and host[1] < 1.0:
+            for key, buffer in self._buffers.items():
+                # One op per buffer; regions of params without a grad this window are never read, so scaling them
+                # too is harmless.
+                buffer.mul_(coef.to(key[0], non_blocking=True))
+        try:
+            result = self._step_inner()
+        finally:
+            self._reset_window()
+        self._stepped = True
+        return result
+
+    def _update_scaler(self, found: torch.Tensor) -> None:
+        # Hand GradScaler the window's inf flag the way its own step() would record it, then let its update()
+        # apply its growth/backoff rule: once per window.
+        scaler = self._scaler
+        state = scaler._per_optimizer_states[id(self)]
+        state["found_inf_per_device"] = {found.device: found.to(scaler._scale.device).reshape(())}
+        state["stage"] = torch.amp.grad_scaler.OptState.STEPPED
+        scaler.update()
+
+    def _step_inner(self) -> Any:
+        touched = [e for e, t in zip(self._entries, self._touched) if t]
+        casts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        holders: list[torch.Tensor] = []
+        for e in touched:
+            if e.master_weight is not None:
+                e.master_weight.grad = e.view
+                holders.append(e.master_weight)
+                continue
+            grad_dtype = getattr(e.param, "grad_dtype", e.param.dtype) or e.param.dtype
+            if grad_dtype == torch.float32:
+                e.param.grad = e.view
+            else:
+                # bf16/fp16 params without master weights: the float32 mean, rounded once to the param dtype.
+                grad = torch.empty(e.view.shape, dtype=grad_dtype, device=e.view.device)
+                casts[0].append(grad)
+                casts[1].append(e.view)
+                e.param.grad = grad
+            holders.append(e.param)
+        ops.copy_(*casts)
+        if self._master_weights:
+            self._refresh_master_weights()
+        try:
+            with self._inner_sees_master_weights():
+                result = self._inner.step()
+            if self._master_weights:
+                self._write_back_master_weights()
+        finally:
+            for t in holders:
+                t.grad = None
+        return result
+
+    def _refresh_master_weights(self) -> None:
+        """A param changed outside the wrapper (e.g. model.load_state_dict) since its master weight was written:
+        the param wins, unless it is just the master rounded (e.g. a checkpoint loaded in either order)."""
+        for e in self._entries:
+            if e.master_weight is not None and e.param._version != e.version:
+                with torch.no_grad():
+                    if not torch.equal(e.param, e.master_weight.to(e.param.dtype)):
+                        e.master_weight.copy_(e.param)
+                e.version = e.param._version
+
+    def _write_back_master_weights(self) -> None:
+        entries = [e for e in self._entries if e.master_weight is not None]
+        contiguous = [e for e in entries if e.param.is_contiguous()]
+        with torch.no_grad():
+            ops.copy_([e.param for e in contiguous], [e.master_weight for e in contiguous])
+            for e in entries:
+                if not e.param.is_contiguous():
+                    e.param.copy_(e.master_weight)
+        for e in entries:
+            e.version = e.param._version
+
+    @contextmanager
+    def _inner_sees_master_weights(self) -> Iterator[None]:
+        """With master_weights, the wrapped optimizer's param_groups hold the float32 master weights inside this
+        block (its step, state_dict, load_state_dict), and the model's params outside it."""
+        swapped = []
+        if self._master_weights:
+            for group in self._inner.param_groups:
+                params = group["params"]
+                for i, p in enumerate(params):
+                    entry = self._by_param.get(id(p))
+                    if entry is not None and entry.param is p and entry.master_weight is not None:
+                        params[i] = entry.master_weight
+                        swapped.append((params, i, p))
+        try:
+            yield
+        finally:
+            for params, i, p in swapped:
+                params[i] = p
+
+    def _reset_window(self) -> None:
+        self._micro_step = 0
+        self._weight_sum = 0.0
+        self._weighted = None
+        self._touched = [False] * len(self._entries)
+        for flag in self._found_inf.values():
+            flag.zero_()
+
+    def _entry_index(self, entry: _Entry) -> int:
+        return self._index_of[id(entry)]
+
+    # --------------------------------------------------------------------------------------------- layout
+    def _trainable(self) -> list[tuple[int, torch.Tensor]]:
+        out = []
+        position = 0
+        for group in self._inner.param_groups:
+            for p in group["params"]:
+                old = self._by_param.get(id(p))
+                if p.requires_grad or p.grad is not None or (old is not None and old.param is p):
+                    out.append((position, p))
+                position += 1
+        return out
+
+    def _sync_layout(self, force: bool = False) -> None:
+        """(Re)build the master buffers when the trainable params changed; keeps the window's partial sums."""
+        trainable = self._trainable()
+        signature = self._layout_signature(trainable)
+        if not force and signature == self._signature:
+            return
+        for _, p in trainable:
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(
+                    f"fusedaccum: a trainable parameter of shape {tuple(p.shape)} is {p.dtype}; GradAccumulator "
+                    f"supports {', '.join(str(d) for d in _FLOAT_DTYPES)} parameters (float32 masters)"
+                )
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError("fusedaccum: GradAccumulator supports dense (strided) parameters only")
+        for device in {p.device for _, p in trainable}:
+            backends.resolve(self._backend, device)  # a backend that cannot serve these tensors fails here, early
+        sizes: dict[GroupKey, int] = {}
+        for _, p in trainable:
+            key = (p.device, p.dtype)
+            sizes[key] = sizes.get(key, 0) + p.numel()
+        buffers = {key: torch.zeros(n, dtype=torch.float32, device=key[0]) for key, n in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        entries: list[_Entry] = []
+        touched: list[bool] = []
+        for position, p in trainable:
+            key = (p.device, p.dtype)
+            offset = offsets[key]
+            offsets[key] += p.numel()
+            view = buffers[key][offset : offset + p.numel()].view(p.shape)
+            old = self._by_param.get(id(p))
+            old = old if old is not None and old.param is p else None
+            master_weight = None
+            version = p._version
+            if old is not None:
+                view.copy_(old.view)
+                master_weight, version = old.master_weight, old.version
+                touched.append(self._touched[self._index_of[id(old)]])
+            else:
+                touched.append(False)
+            if self._master_weights and p.dtype != torch.float32 and master_weight is None:
+                master_weight = self._new_master_weight(p)
+            entries.append(_Entry(p, position, key, offset, view, master_weight, version))
+        self._entries = entries
+        self._by_param = {id(e.param): e for e in entries}
+        self._index_of = {id(e): i for i, e in enumerate(entries)}
+        self._buffers = buffers
+        self._touched = touched
+        for device in {key[0] for key in buffers}:
+            if device not in self._found_inf:
+                self._found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
+                self._sumsq[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        self._signature = signature
+
+    def _layout_signature(self, trainable: list[tuple[int, torch.Tensor]]) -> tuple[int, ...]:
+        return tuple(id(p) for _, p in trainable) + tuple(len(g["params"]) for g in self._inner.param_groups)
+
+    def _new_master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        master = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        with torch.no_grad():
+            master.copy_(p)
+        # Optimizer state that already exists for the param (stepped or loaded before wrapping) moves to its master.
+        state = self._inner.state
+        if p in state:
+            moved = state.pop(p)
+            state[master] = {
+                k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step" else v
+                for k, v in moved.items()
+            }
+        return master
+
+    def _layout_description(self) -> dict[str, Any]:
+        return {
+            "group_sizes": [len(g["params"]) for g in self._inner.param_groups],
+            "params": [[e.position, list(e.param.shape), str(e.param.dtype)] for e in self._entries],
+            "buffers": [[str(key[1]), buffer.numel()] for key, buffer in self._buffers.items()],
+        }
+
+
+def _first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    if saved["group_sizes"] != current["group_sizes"]:
+        return f"param group sizes {saved['group_sizes']} saved vs {current['group_sizes']} here"
+    a, b = saved["params"], current["params"]
+    for i, (x, y) in enumerate(zip(a, b)):
+        if list(x) != list(y):
+            return f"trainable param {i}: [position, shape, dtype] {list(x)} saved vs {list(y)} here"
+    if len(a) != len(b):
+        return f"{len(a)} trainable params saved vs {len(b)} here"
+    return f"master buffers {saved['buffers']} saved vs {current['buffers']} here"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from . import backends, ops
 
@@ -92,6 +93,21 @@ class GradAccumulator(torch.optim.Optimizer):
             them in the fused pass with the scaler's device scale (no host sync), skips a window in which any
             micro-step overflowed, and calls ``scaler.update()`` once per window itself. Do not call
             ``scaler.step``, ``scaler.unscale_`` or ``scaler.update`` yourself.
+        process_group: ``None`` (default): single process, no communication. ``"default"`` (the default
+            torch.distributed group) or a ``ProcessGroup``: data-parallel training. No collective runs on a
+            window's non-final micro-steps; on its last one (and in :meth:`flush`) the ranks all-reduce (SUM)
+            each flat float32 master buffer once, plus one small float64 tensor (the inf flags, the weight sums,
+            which params got a gradient), and divide by the global weight sum: the update is the mean over
+            world size x window (or the global weighted mean; ``reduction="sum"``: the global sum), every rank
+            skips the same windows, and the clipping norm is the global one. Every rank must call :meth:`step`
+            and :meth:`flush` equally often (they are collective) with the same settings and parameter layout.
+            See docs/distributed.md.
+        ddp_module: the ``DistributedDataParallel`` module that wraps the model whose parameters ``optimizer``
+            holds. The wrapper switches off DDP's per-backward gradient all-reduce for good (as if every
+            backward ran under ``ddp_module.no_sync()``; its reduction is replaced by the wrapper's one per
+            window) and uses DDP's process group unless ``process_group`` is given (then it must be the same).
+            A DDP model must be passed here: otherwise DDP averages on every backward and the wrapper would
+            average again (weighted windows would come out wrong).
 
     Raises:
         TypeError / ValueError: bad arguments; nothing is created.
@@ -112,6 +128,8 @@ class GradAccumulator(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         backend: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        process_group: Any = None,
+        ddp_module: torch.nn.Module | None = None,
     ) -> None:
         if isinstance(optimizer, GradAccumulator):
             raise TypeError(
@@ -142,6 +160,8 @@ class GradAccumulator(torch.optim.Optimizer):
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"fusedaccum: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
+        distributed, group = _resolve_process_group(process_group, ddp_module)
+
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
         # methods (hooks, profiling names, the step wrapper) is set up here.
         self._inner = optimizer
@@ -151,6 +171,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._backend = backend
         self._scaler = scaler
+        self._distributed = distributed
+        self._group = group  # None with distributed=True means torch.distributed's default group
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
         self._optimizer_state_dict_pre_hooks = {}
@@ -177,6 +199,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._found_inf: dict[torch.device, torch.Tensor] = {}
         self._sumsq: dict[torch.device, torch.Tensor] = {}
         self._sync_layout(force=True)
+        if ddp_module is not None:
+            # no_sync() for good: DDP's forward then skips the reducer (no per-backward all-reduce, no
+            # unused-parameter or buffer collectives) and .grad holds this rank's own gradient.
+            ddp_module.require_backward_grad_sync = False
 
     # ------------------------------------------------------------------------------------- Optimizer facade
     @property
@@ -271,7 +297,8 @@ class GradAccumulator(torch.optim.Optimizer):
         return (
             f"GradAccumulator({self._inner!r}, accumulation_steps={self._accumulation_steps}, "
             f"reduction={self._reduction!r}, master_weights={self._master_weights}, "
-            f"max_grad_norm={self._max_grad_norm}, backend={self._backend!r})"
+            f"max_grad_norm={self._max_grad_norm}, backend={self._backend!r}, "
+            f"distributed={self._distributed})"
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -319,7 +346,9 @@ class GradAccumulator(torch.optim.Optimizer):
                 loss = closure()
         grads = self._collect_grads()
         last = self._micro_step + 1 == self._accumulation_steps
-        if last and not grads and not any(self._touched):
+        # Distributed: whether any rank got a gradient is only known after the reduction (a local raise here would
+        # leave the other ranks waiting in it); _reduce_and_finish raises on every rank instead.
+        if last and not self._distributed and not grads and not any(self._touched):
             where = f"micro-step {self._micro_step + 1} of {self._accumulation_steps}"
             raise RuntimeError(self._no_grads_message(where))
 
@@ -327,31 +356,38 @@ class GradAccumulator(torch.optim.Optimizer):
         self._stepped = False
         self._weighted = weight is not None
         self._weight_sum += w
-        post_scale = self._post_scale() if last else 1.0
+        # Distributed: the masters hold raw (weighted) sums until the reduction; the 1/global-weight-sum and the
+        # norm are applied once, after it (dividing locally first would be wrong when ranks' weight sums differ).
+        local_last = last and not self._distributed
+        post_scale = self._post_scale() if local_last else 1.0
         scale = self._micro_scale(w)
-        if last:
+        if local_last:
             self._zero_sumsq()
         by_device: dict[torch.device, list[tuple[_Entry, torch.Tensor]]] = {}
         for entry, grad in grads:
             by_device.setdefault(entry.key[0], []).append((entry, grad))
         for device, pairs in by_device.items():
-            self._accumulate_device_(device, pairs, scale, post_scale, last)
+            self._accumulate_device_(device, pairs, scale, post_scale, local_last)
         for entry, _ in grads:
             entry.param.grad = None  # consumed: the next backward writes a fresh grad, no zeroing pass needed
             self._touched[self._entry_index(entry)] = True
-        if last:
+        if local_last:
             # Params that got a grad earlier in the window but not now still need the 1/W and the norm.
             fresh = {id(entry) for entry, _ in grads}
             lagging = [e for e, t in zip(self._entries, self._touched) if t and id(e) not in fresh]
             self._scale_masters_only_(lagging, post_scale)
         self._micro_step += 1
-        result = self._finish_window() if last else None
+        result = None
+        if last:
+            result = self._reduce_and_finish() if self._distributed else self._finish_window()
         return loss if closure is not None else result
 
     def flush(self) -> bool:
         """Apply the current short window now, with its true count (or weight sum); e.g. at the end of an epoch.
 
         Costs one extra pass over the window's masters (the last micro-step did not know it was the last).
+        Distributed: every rank must call it together (ranks with an empty window too); the update uses the
+        global weight sum, and nothing happens if every rank's window is empty.
 
         Returns:
             Whether an update was applied (False if the window was empty or skipped for non-finite gradients).
@@ -360,6 +396,12 @@ class GradAccumulator(torch.optim.Optimizer):
             RuntimeError: the window has micro-steps but no parameter received a gradient in it (nothing changes).
         """
         self._refuse_grad_scaler_step()
+        if self._distributed:
+            # Collective: a rank with an empty window still takes part (it contributes zeros and weight 0).
+            self._sync_layout()
+            self._stepped = False
+            self._reduce_and_finish()
+            return self._stepped
         if self._micro_step == 0:
             self._stepped = False
             return False
@@ -679,6 +721,53 @@ class GradAccumulator(torch.optim.Optimizer):
         self._stepped = True
         return result
 
+    def _reduce_and_finish(self) -> Any:
+        """Distributed end of a window: all-reduce the raw master sums and the window's metadata, then scale by
+        the global weight sum (measuring the global norm) and finish the window as in a single process."""
+        entries = self._entries
+        for e, touched in zip(entries, self._touched):
+            if not touched:
+                # Its region may hold an earlier window's values (a first grad overwrites rather than adds); they
+                # must not enter the sum when another rank did get a gradient for this param.
+                e.view.zero_()
+        found = self._combined(self._found_inf)
+        device = found.device
+        # One small float64 SUM all-reduce carries everything the ranks must agree on (float64: token-count
+        # weight sums stay exact to 2**53). Flags are 0/1 per rank, so "sum > 0" is the MAX (any rank) decision.
+        meta = torch.zeros(4 + len(entries), dtype=torch.float64, device=device)
+        meta[0] = found[0]
+        meta[1] = self._weight_sum
+        if self._micro_step:
+            meta[2 if self._weighted else 3] = 1.0
+        if entries:
+            meta[4:] = torch.tensor(self._touched, dtype=torch.float64).to(device)
+        dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group)
+        for buffer in self._buffers.values():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._group)
+        host = meta.tolist()  # host sync: skip/step and which params to hand the optimizer are host decisions
+        overflow, weight_sum, n_weighted, n_unweighted = host[0] > 0, host[1], host[2], host[3]
+        self._touched = [t > 0 for t in host[4:]]
+        if n_weighted and n_unweighted:
+            self._reset_window()
+            raise ValueError(
+                "fusedaccum: in this window some ranks passed step(weight=...) and others did not; weights must be "
+                "given on every rank or on none (the window was dropped on every rank)"
+            )
+        if weight_sum == 0.0:  # flush() with every rank's window empty
+            self._reset_window()
+            return None
+        if not any(self._touched):
+            self._reset_window()
+            raise RuntimeError(self._no_grads_message("on every rank") + " (the window was dropped on every rank)")
+        self._weight_sum = weight_sum
+        for flag in self._found_inf.values():
+            flag.zero_()
+        self._found_inf[device].fill_(1.0 if overflow else 0.0)
+        self._zero_sumsq()
+        if not overflow:  # a skipped window needs no scaling
+            self._scale_masters_only_([e for e, t in zip(entries, self._touched) if t], self._post_scale())
+        return self._finish_window()
+
     def _update_scaler(self, found: torch.Tensor) -> None:
         # Hand GradScaler the window's inf flag the way its own step() would record it, then let its update()
         # apply its growth/backoff rule: once per window.
@@ -797,6 +886,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 )
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError("fusedaccum: GradAccumulator supports dense (strided) parameters only")
+            _refuse_sharded_param(p)
         for device in {p.device for _, p in trainable}:
             backends.resolve(self._backend, device)  # a backend that cannot serve these tensors fails here, early
         sizes: dict[GroupKey, int] = {}
@@ -871,3 +961,71 @@ def _first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
     if len(a) != len(b):
         return f"{len(a)} trainable params saved vs {len(b)} here"
     return f"master buffers {saved['buffers']} saved vs {current['buffers']} here"
+
+
+def _resolve_process_group(process_group: Any, ddp_module: torch.nn.Module | None) -> tuple[bool, Any]:
+    """Validate the distributed arguments; returns (distributed, group for torch.distributed calls)."""
+    if ddp_module is not None:
+        if not isinstance(ddp_module, torch.nn.parallel.DistributedDataParallel):
+            hint = ""
+            if any(isinstance(p, _dtensor_type()) for p in ddp_module.parameters()) or _is_fsdp1(ddp_module):
+                hint = " FSDP is not supported yet (see docs/distributed.md)."
+            raise TypeError(
+                "fusedaccum: ddp_module must be a torch.nn.parallel.DistributedDataParallel, got "
+                f"{type(ddp_module).__name__}.{hint}"
+            )
+        if process_group is None:
+            return True, ddp_module.process_group
+    if process_group is None:
+        return False, None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "fusedaccum: process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first (torchrun sets up its environment)"
+        )
+    if isinstance(process_group, str):
+        if process_group != "default":
+            raise ValueError(
+                f"fusedaccum: process_group must be None, 'default' or a ProcessGroup, got {process_group!r}"
+            )
+        group = dist.group.WORLD
+    elif isinstance(process_group, dist.ProcessGroup):
+        group = process_group
+    else:
+        raise TypeError(
+            f"fusedaccum: process_group must be None, 'default' or a ProcessGroup, got {type(process_group).__name__}"
+        )
+    if ddp_module is not None and ddp_module.process_group is not group:
+        raise ValueError(
+            "fusedaccum: process_group differs from ddp_module's process group; the gradients must be reduced "
+            "over the group DDP replicates the model on (leave process_group out to use it)"
+        )
+    return True, group
+
+
+def _dtensor_type() -> type:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return type(None)
+    return DTensor
+
+
+def _is_fsdp1(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def _refuse_sharded_param(p: torch.Tensor) -> None:
+    # Sharded params get reduce-scattered gradients: summing their local shards across ranks, or treating a
+    # shard as a whole param, would be silently wrong, so they are refused until FSDP is supported.
+    if isinstance(p, _dtensor_type()):
+        raise TypeError(
+            "fusedaccum: a parameter is a DTensor (FSDP2 fully_shard or tensor parallel); GradAccumulator does not "
+            "support sharded parameters yet. See docs/distributed.md for how FSDP2 maps onto accumulation"
+        )
+    if type(p).__name__ == "FlatParameter":
+        raise TypeError("fusedaccum: FSDP (FullyShardedDataParallel) flat parameters are not supported yet")

@@ -1,0 +1,218 @@
+"""GradAccumulator across processes: CPU, gloo, loopback, processes started by the tests themselves.
+
+Each world size runs one group of worker processes that goes through every scenario (starting processes and
+importing torch dominates the cost); the workers assert, and a failure comes back as the worker's traceback.
+Every scenario is checked against a single-process large batch of the same global batch, computed in the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fusedaccum
+
+W = 3  # accumulation_steps
+ROWS = 4  # rows per micro-batch in the unweighted scenario
+LR, MOMENTUM, MAX_NORM = 0.1, 0.9, 0.05  # MAX_NORM is small enough that every window is clipped
+REL = 1e-6
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same initial weights on every rank and in the reference
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+
+
+def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+def _rel_err(ours: torch.Tensor, want: torch.Tensor) -> float:
+    return ((ours.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def _record_grads(opt: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    """The gradients the optimizer steps with, one list per update: what accumulation computes, compared directly
+    (a difference of fp32 weights before and after would mostly measure the weights' own rounding)."""
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(
+        lambda o, args, kwargs: seen.append([p.grad.detach().clone() for g in o.param_groups for p in g["params"]])
+    )
+    return seen
+
+
+def _assert_rel_close(
+    model: torch.nn.Module, ref: torch.nn.Module, grads: list[list[torch.Tensor]], ref_grads: list[list[torch.Tensor]],
+    what: str,
+) -> None:
+    assert len(grads) == len(ref_grads), f"{what}: {len(grads)} updates, the reference made {len(ref_grads)}"
+    for k, (ours, want) in enumerate(zip(grads, ref_grads)):
+        for g, r in zip(ours, want):
+            err = _rel_err(g, r)
+            assert err <= REL, f"{what}: update {k}: gradient relative error {err:.3g} > {REL}"
+    for p, r in zip(model.parameters(), ref.parameters()):
+        err = _rel_err(p.detach(), r.detach())
+        assert err <= REL, f"{what}: weights relative error {err:.3g} > {REL}"
+
+
+def _assert_replicas_identical(model: torch.nn.Module, world: int, what: str) -> None:
+    for p in model.parameters():
+        copies = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(copies, p.detach().contiguous())
+        for c in copies[1:]:
+            assert torch.equal(c, copies[0]), f"{what}: replicas differ"
+
+
+class _CountAllReduce:
+    """Replaces torch.distributed.all_reduce (which the wrapper looks up at call time) and logs every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+        self._real = dist.all_reduce
+
+    def __call__(self, tensor: torch.Tensor, *args, **kwargs):
+        self.calls.append(tensor)
+        return self._real(tensor, *args, **kwargs)
+
+
+def _scenario_plain(rank: int, world: int) -> None:
+    """process_group="default", unweighted mean, global-norm clipping, a NaN on the last rank in window 1, a short
+    window flushed at the end: equivalence, collective counts, same skip everywhere, bit-identical replicas."""
+    gen = torch.Generator().manual_seed(1)
+    windows = [W, W, W, W - 1]  # micro-steps per window on every rank; the last one is short and flushed
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    nan_window = 1
+
+    model, ref = _model(), _model()
+    inner, ref_opt = _sgd(model), _sgd(ref)
+    grads, ref_grads = _record_grads(inner), _record_grads(ref_opt)
+    acc = fusedaccum.GradAccumulator(inner, W, max_grad_norm=MAX_NORM, process_group="default")
+    masters = [b.buffer for b in acc.master_grad_buffers()]
+    assert len(masters) == 1
+
+    counter = _CountAllReduce()
+    dist.all_reduce = counter
+    try:
+        for k, n in enumerate(windows):
+            for i in range(n):
+                before = len(counter.calls)
+                F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+                if k == nan_window and i == 0 and rank == world - 1:
+                    next(model.parameters()).grad[0, 0] = float("nan")
+                acc.step()
+                acc.zero_grad()
+                made = counter.calls[before:]
+                if i + 1 < W:
+                    assert made == [], f"window {k} micro-step {i}: {len(made)} all-reduce(s) on a non-final step"
+                else:
+                    # One small metadata tensor, then each flat master buffer exactly once.
+                    assert len(made) == 2 and made[1] is masters[0], f"window {k}: {len(made)} all-reduces"
+                    assert made[0].dtype == torch.float64 and made[0].numel() < 16
+            if n < W:
+                before = len(counter.calls)
+                assert acc.flush()
+                made = counter.calls[before:]
+                assert len(made) == 2 and made[1] is masters[0]
+            assert acc.stepped == (k != nan_window)
+    finally:
+        dist.all_reduce = counter._real
+    assert acc.skipped_windows == 1
+
+    for k in range(len(windows)):
+        if k == nan_window:
+            continue  # every rank skipped it: the reference never sees it
+        ref_opt.zero_grad()
+        F.mse_loss(ref(data[k].reshape(-1, 7)), targets[k].reshape(-1, 5)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        assert norm > MAX_NORM  # the clip is exercised
+        ref_opt.step()
+    # The last window's norm is the global one (a rank-local norm would differ by far more than this).
+    assert abs(acc.grad_norm.item() - norm.item()) <= REL * norm.item()
+    _assert_rel_close(model, ref, grads, ref_grads, "plain")
+    _assert_replicas_identical(model, world, "plain")
+
+
+def _scenario_ddp_weighted(rank: int, world: int) -> None:
+    """A DDP model passed as ddp_module: DDP does not reduce on any backward (each rank's .grad is its own), and
+    token-count weights that differ across ranks give the global token mean."""
+    gen = torch.Generator().manual_seed(2)
+    windows = 2
+    # rows[k][r][i]: an uneven row count for every micro-batch of every rank
+    rows = torch.randint(1, 9, (windows, world, W), generator=gen).tolist()
+    data = [[[torch.randn(n, 7, generator=gen) for n in per_rank] for per_rank in per_window] for per_window in rows]
+    targets = [[[torch.randn(x.shape[0], 5, generator=gen) for x in per_rank] for per_rank in per_window]
+               for per_window in data]
+
+    local, ref = _model(), _model()
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    inner, ref_opt = _sgd(model), _sgd(ref)
+    grads, ref_grads = _record_grads(inner), _record_grads(ref_opt)
+    acc = fusedaccum.GradAccumulator(inner, W, ddp_module=model)
+    for k in range(windows):
+        local.load_state_dict(model.module.state_dict())
+        for i in range(W):
+            x, y = data[k][rank][i], targets[k][rank][i]
+            F.mse_loss(model(x), y).backward()
+            local.zero_grad()
+            F.mse_loss(local(x), y).backward()
+            for p, q in zip(model.parameters(), local.parameters()):
+                # Equal to this rank's own gradient: DDP reduced nothing (its mean would differ on every rank).
+                assert torch.equal(p.grad, q.grad), f"window {k} micro-step {i}: DDP changed the gradient"
+            acc.step(weight=x.shape[0])
+        assert acc.stepped
+        ref_opt.zero_grad()
+        xs = torch.cat([x for per_rank in data[k] for x in per_rank])
+        ys = torch.cat([y for per_rank in targets[k] for y in per_rank])
+        F.mse_loss(ref(xs), ys).backward()  # the mean over every row of the global batch
+        ref_opt.step()
+    _assert_rel_close(model.module, ref, grads, ref_grads, "ddp weighted")
+    _assert_replicas_identical(model, world, "ddp weighted")
+
+
+def _worker(rank: int, world: int, store_path: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    # A file store rather than a TCP port: no race for a free port between tests (gloo still talks over loopback).
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    try:
+        _scenario_plain(rank, world)
+        _scenario_ddp_weighted(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_multi_process(world: int, tmp_path, monkeypatch) -> None:
+    # Spawned workers import this module by name (tests.test_distributed): they need the repository root on
+    # sys.path, which pytest's importlib mode does not add (multiprocessing hands sys.path to the children).
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def test_refusals() -> None:
+    opt = _sgd(_model())
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fusedaccum.GradAccumulator(opt, 2, process_group="default")
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        fusedaccum.GradAccumulator(opt, 2, ddp_module=_model())
+
+
+def test_refuses_dtensor_params(tmp_path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(TypeError, match="DTensor"):
+            fusedaccum.GradAccumulator(torch.optim.SGD([param], lr=0.1), 2, process_group="default")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,281 @@
+"""Shared benchmark machinery: timers, rotating buffers, copy bandwidth, launch counts, machine metadata.
+
+Timing rules, the same for every provider so their ratios mean something:
+
+* CPU: ``torch.utils.benchmark.Timer`` with all intra-op threads (its default is one thread, which would
+  cripple every parallel kernel), median of the measured blocks, at least ``MIN_SAMPLES`` samples.
+* GPU: CUDA events around batches of back-to-back calls, median per-call time over the batches. Calls are
+  queued back to back (no cache flush between them, unlike ``triton.testing.do_bench``, whose flush kernel
+  hides the host-side launch cost of a per-tensor loop behind GPU work), so host overhead is counted.
+* Both: when one copy of a workload fits in the last-level cache, calls rotate over enough copies to
+  exceed it twice, so every call reads its data from memory as a real micro-step does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import benchmark as torch_benchmark
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIN_SAMPLES = 3
+# Rotation is capped so that tiny workloads do not build millions of tensors; beyond the cap they stay
+# partly cache-resident, which the JSON records (``copies``).
+MAX_COPIES = 64
+MAX_ROTATED_TENSORS = 20_000
+
+
+# --------------------------------------------------------------------------------------------- devices
+def cuda_usable() -> bool:
+    return torch.cuda.is_available()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 on a GPU, the largest CPU cache level sysfs reports on the host (32 MiB if it reports none)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)])
+    return max(sizes, default=32 << 20)
+
+
+def copies_to_rotate(bytes_per_copy: int, tensors_per_copy: int, device: torch.device) -> int:
+    """How many copies of a workload to cycle through so that the data touched between two uses of one copy
+    is at least twice the last-level cache."""
+    if bytes_per_copy <= 0:
+        return 1
+    wanted = math.ceil(2 * last_level_cache_bytes(device) / bytes_per_copy)
+    return max(1, min(wanted, MAX_COPIES, max(1, MAX_ROTATED_TENSORS // max(1, tensors_per_copy))))
+
+
+class Rotating:
+    """A zero-argument callable that calls ``fn(*args[i])`` with i cycling over the prepared argument sets."""
+
+    def __init__(self, fn: Callable[..., Any], arg_sets: Sequence[tuple]) -> None:
+        self.fn = fn
+        self.arg_sets = list(arg_sets)
+        self.index = 0
+
+    def __call__(self) -> None:
+        args = self.arg_sets[self.index]
+        self.index = (self.index + 1) % len(self.arg_sets)
+        self.fn(*args)
+
+
+# --------------------------------------------------------------------------------------------- timers
+def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> dict[str, Any]:
+    """Median seconds per call of ``fn`` (already warmed up by the caller) and the samples behind it."""
+    if device.type == "cuda":
+        return _time_cuda(fn, device, min_run_time)
+    return _time_cpu(fn, min_run_time)
+
+
+def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> dict[str, Any]:
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(measurement.times)
+    # blocked_autorange stops after min_run_time, which for a slow provider (a second per call) can be one
+    # sample: top up so every median rests on a few.
+    while len(times) < MIN_SAMPLES:
+        times.extend(timer.timeit(number=1).times)
+    return {"median_s": statistics.median(times), "samples": len(times), "times_s": times}
+
+
+def _time_cuda(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> dict[str, Any]:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = max(start.elapsed_time(end) / 1e3, 1e-6)
+    # Batches of at least ~1 ms, so event resolution (about 0.5 us) and per-batch overhead are negligible.
+    per_batch = max(1, min(1000, int(1e-3 / estimate)))
+    batches = max(MIN_SAMPLES, min(200, int(min_run_time / (estimate * per_batch))))
+    times = []
+    for _ in range(batches):
+        start.record()
+        for _ in range(per_batch):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3 / per_batch)
+    return {"median_s": statistics.median(times), "samples": len(times), "times_s": times,
+            "calls_per_sample": per_batch}
+
+
+def count_gpu_launches(fn: Callable[[], Any], device: torch.device, calls: int = 3) -> dict[str, float] | None:
+    """Device activities per call of ``fn`` seen by ``torch.profiler``: kernels, and kernels + memcpy/memset.
+
+    None on a CPU (there is no launch to count) or when the profiler sees no device activity at all.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    kernels = other = 0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if re.search(r"memcpy|memset", event.name, re.IGNORECASE):
+            other += 1
+        else:
+            kernels += 1
+    if kernels + other == 0:
+        return None
+    return {"kernels": kernels / calls, "kernels_and_copies": (kernels + other) / calls}
+
+
+# ------------------------------------------------------------------------------------- copy bandwidth
+def copy_bandwidth(device: torch.device, numel: int, min_run_time: float) -> dict[str, Any]:
+    """The device's achievable copy bandwidth in GB/s (bytes read + bytes written), measured now.
+
+    A float32 copy of ``numel`` elements (pick several times the last-level cache). On a CPU two copies are
+    timed and the faster one counts: ATen's ``copy_`` uses ordinary stores, so the memory system also reads
+    every destination line before writing it (a third, uncounted stream), while ``numpy.copyto`` (glibc
+    memcpy) uses non-temporal stores for large copies. On the 2-core AMD EPYC VM this suite was written on:
+    copy_ 17.8 GB/s, memcpy 28.0 GB/s, and a fused accumulate (which writes only lines it has read) reaches
+    the latter, so the memcpy figure is the honest roof. A memcpy per thread is the third candidate.
+    """
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    moved = 2 * src.numel() * src.element_size()
+    candidates = {}
+
+    def torch_copy() -> None:
+        dst.copy_(src)
+
+    torch_copy()
+    synchronize(device)
+    candidates["torch_copy_"] = moved / time_call(torch_copy, device, min_run_time)["median_s"] / 1e9
+    if device.type == "cpu":
+        src_np, dst_np = src.numpy(), dst.numpy()
+
+        def numpy_copy() -> None:
+            np.copyto(dst_np, src_np)
+
+        numpy_copy()
+        candidates["numpy_copyto"] = moved / time_call(numpy_copy, device, min_run_time)["median_s"] / 1e9
+        threads = torch.get_num_threads()
+        if threads > 1:
+            # One memcpy per thread on its slice (numpy releases the GIL while copying): a single core may not
+            # saturate the memory system, and the kernels under test use every thread.
+            from concurrent.futures import ThreadPoolExecutor
+
+            slices = [slice(i * numel // threads, (i + 1) * numel // threads) for i in range(threads)]
+            with ThreadPoolExecutor(threads) as pool:
+
+                def threaded_copy() -> None:
+                    list(pool.map(lambda s: np.copyto(dst_np[s], src_np[s]), slices))
+
+                threaded_copy()
+                candidates["numpy_copyto_threaded"] = (
+                    moved / time_call(threaded_copy, device, min_run_time)["median_s"] / 1e9
+                )
+    best = max(candidates, key=candidates.get)
+    return {"GBps": candidates[best], "method": best, "candidates_GBps": candidates, "numel": numel,
+            "dtype": "float32", "bytes_per_call": moved}
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def metadata(device: torch.device) -> dict[str, Any]:
+    """Machine and version facts recorded in every results file."""
+    import fusedaccum
+    from fusedaccum import backends
+
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        from fusedaccum import _build_info
+
+        build = {k: v for k, v in vars(_build_info).items() if k.isupper()}
+    except ImportError:
+        build = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "last_level_cache_bytes": last_level_cache_bytes(device),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "fusedaccum": fusedaccum.__version__,
+        "fusedaccum_build": build,
+        "backends": {name: backends.why_unavailable(name, device) or "available" for name in backends.BACKENDS},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["gpu_memory_bytes"] = props.total_memory
+        meta["gpu_sm_count"] = props.multi_processor_count
+    return meta
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,107 @@
+"""The benchmark suite runs end to end in its tiny configuration, so it cannot rot.
+
+It runs ``python -m benchmarks --tiny`` in a subprocess (as a user would, from the repository root) into a
+temporary folder and checks the results file's structure and that its numbers are finite and positive.
+Timings are never asserted: they belong to the machine, not to the code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+META_FIELDS = ("date", "device", "device_name", "cpu_model", "torch", "triton", "fusedaccum", "git_commit", "backends")
+RESULT_FIELDS = ("workload", "variant", "provider", "numel", "median_s", "GBps", "pct_copy_bw", "bytes",
+                 "speedup_vs_best_native", "best_native", "launches_per_call")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--out", str(out), "--name", "tiny"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "tiny.json").read_text()), out, proc.stdout
+
+
+def test_metadata(tiny_run: tuple[dict, Path, str]) -> None:
+    data, _, _ = tiny_run
+    assert data["config"]["mode"] == "tiny"
+    for field in META_FIELDS:
+        assert field in data["meta"], field
+    assert data["meta"]["torch"] and data["meta"]["fusedaccum"] and data["meta"]["date"]
+    assert _positive(data["elapsed_s"])
+
+
+def test_copy_bandwidth(tiny_run: tuple[dict, Path, str]) -> None:
+    copy = tiny_run[0]["copy_bandwidth"]
+    assert _positive(copy["GBps"]) and copy["method"] in copy["candidates_GBps"]
+
+
+def test_accumulate_results(tiny_run: tuple[dict, Path, str]) -> None:
+    acc = tiny_run[0]["accumulate"]
+    rows = acc["results"]
+    providers = {r["provider"] for r in rows}
+    # The two native baselines always run; fusedaccum's backend for this device runs when it was built.
+    assert {"loop", "foreach"} <= providers
+    assert any(p.startswith("fusedaccum-") for p in providers) or any(
+        s["provider"].startswith("fusedaccum-") for s in acc["skipped"]
+    )
+    assert {r["variant"] for r in rows} == {"first", "mid", "last"}
+    assert {r["kind"] for r in rows} == {"flat", "list"}
+    for r in rows:
+        for field in RESULT_FIELDS:
+            assert field in r, (field, r)
+        for field in ("median_s", "GBps", "pct_copy_bw", "bytes", "speedup_vs_best_native"):
+            assert _positive(r[field]), (field, r)
+        assert r["bytes"] == r["bytes_per_element"] * r["numel"]
+    for s in acc["skipped"]:
+        assert s["reason"], s  # every skip says why
+
+
+def test_numerics(tiny_run: tuple[dict, Path, str]) -> None:
+    rows = tiny_run[0]["numerics"]["rows"]
+    assert [r["N"] for r in rows] == [1, 2, 4, 8]
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("native_bf16", "fp32_master"))
+    # Not a timing: the point of fp32 masters. At N = 8 bf16 accumulation has rounded, fp32 barely.
+    assert rows[-1]["fp32_master"] < rows[-1]["native_bf16"]
+
+
+def test_end_to_end_ran_or_said_why(tiny_run: tuple[dict, Path, str]) -> None:
+    section = tiny_run[0]["end_to_end"]
+    if "skipped" in section:
+        assert section["skipped"]
+        return
+    for r in section["rows"]:
+        assert _positive(r["s_per_update"])
+
+
+def test_outputs(tiny_run: tuple[dict, Path, str]) -> None:
+    data, out, stdout = tiny_run
+    for suffix in ("flat", "lists", "numerics"):
+        png = out / f"tiny_{suffix}.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "one accumulation micro-step" in stdout and "numerics" in stdout
+
+
+def test_plots_module_replots(tiny_run: tuple[dict, Path, str], tmp_path: Path) -> None:
+    # A subprocess from the repository root: pytest's importlib mode keeps the root off sys.path.
+    copy = tmp_path / "again.json"
+    copy.write_text(json.dumps(tiny_run[0]))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plots", str(copy)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.split()) == 3 and all(Path(p).exists() for p in proc.stdout.split())

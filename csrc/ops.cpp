@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "argument_checks.h"
+
 TORCH_LIBRARY_FRAGMENT(fusedaccum, m) {
   m.def(
       "accumulate_kernel_(Tensor(a!)[] masters, Tensor(b!)[] grads, float scale, Tensor? scale_tensor, "
@@ -15,6 +17,20 @@ TORCH_LIBRARY_FRAGMENT(fusedaccum, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fusedaccum compiled kernels (registered as torch.ops.fusedaccum.accumulate_kernel_)";
+  module.def(
+      "accumulate_args_valid",
+      [](const std::vector<at::Tensor>& masters, const std::vector<at::Tensor>& grads,
+         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& post_scale,
+         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sumsq) {
+        return fusedaccum::pairs_valid(masters, grads, false, {scale, post_scale}, {found_inf, sumsq});
+      },
+      "True if fusedaccum.ops.accumulate_ would accept these tensors (a fast pre-check; ops.py names errors)");
+  module.def(
+      "copy_args_valid",
+      [](const std::vector<at::Tensor>& dsts, const std::vector<at::Tensor>& srcs) {
+        return fusedaccum::pairs_valid(dsts, srcs, true, {}, {});
+      },
+      "True if fusedaccum.ops.copy_ would accept these tensors");
 #ifdef FUSEDACCUM_WITH_CUDA
   module.attr("built_with_cuda") = true;
 #else

@@ -102,7 +102,21 @@ def _check_no_overlap(groups: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> N
             raise ValueError(f"fusedaccum: {groups[ga][0]}[{ia}] and {groups[gb][0]}[{ib}] overlap in memory")
 
 
+def _fast_check(name: str, *args) -> bool:
+    """The compiled yes/no pre-check (csrc/argument_checks.h), when the extension is loaded.
+
+    The rules and messages live here; the pre-check only saves walking them attribute by attribute in Python,
+    which costs ~2 us per tensor pair (310 us for GPT-2's 150 pairs on the 2-core AMD EPYC CI machine; the
+    compiled check: ~15 us). On "no", the Python checks below run and name the problem.
+    """
+    extension, _ = backends.compiled_extension()
+    return extension is not None and getattr(extension, name)(*args)
+
+
 def _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real: bool) -> None:
+    if real and _fast_check("accumulate_args_valid", masters, grads, scale_tensor, post_scale_tensor, found_inf,
+                            sumsq):
+        return
     device = _check_pairs("masters", masters, "grads", grads, (torch.float32,), GRAD_DTYPES)
     _check_scalar("scale", scale_tensor, device)
     _check_scalar("post_scale", post_scale_tensor, device)
@@ -140,8 +154,9 @@ def _accumulate_fake(masters, grads, scale, scale_tensor, overwrite, post_scale,
 
 
 def _copy_impl(dsts, srcs):
-    _check_pairs("dsts", dsts, "srcs", srcs, GRAD_DTYPES, GRAD_DTYPES)
-    _check_no_overlap([("dsts", dsts), ("srcs", srcs)])
+    if not _fast_check("copy_args_valid", dsts, srcs):
+        _check_pairs("dsts", dsts, "srcs", srcs, GRAD_DTYPES, GRAD_DTYPES)
+        _check_no_overlap([("dsts", dsts), ("srcs", srcs)])
     reference.copy_(dsts, srcs)
 
 

@@ -178,12 +178,16 @@ def _scenario_ddp_weighted(rank: int, world: int) -> None:
 
 def _worker(rank: int, world: int, store_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Loopback only: gloo otherwise resolves the host name to pick an interface, which in containers can be one
+    # the other ranks cannot reach.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     # A file store rather than a TCP port: no race for a free port between tests (gloo still talks over loopback).
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         _scenario_plain(rank, world)
         _scenario_ddp_weighted(rank, world)
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 

@@ -294,8 +294,12 @@ def checkable_tensors(args):
     return found
 
 
+@pytest.mark.parametrize("compiled_precheck", [True, False], ids=["precheck", "python-only"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_raises_and_changes_nothing(case):
+def test_bad_input_raises_and_changes_nothing(case, compiled_precheck, monkeypatch):
+    """With the compiled pre-check (it must say no) and without it (no extension): the same error."""
+    if not compiled_precheck:
+        monkeypatch.setattr(ops, "_fast_check", lambda *args: False)
     edit, error, message = BAD_INPUTS[case]
     args = fresh_valid_args()
     edit(args)
@@ -304,6 +308,20 @@ def test_bad_input_raises_and_changes_nothing(case):
         ops.accumulate_(**args)
     for t, before in snapshot:
         assert torch.equal(t, before), "a rejected call changed a tensor"
+
+
+def test_compiled_precheck_accepts_valid_arguments():
+    """A pre-check that said no to good input would only cost speed, silently: make it loud here."""
+    extension, reason = backends.compiled_extension()
+    if extension is None:
+        pytest.skip(reason)
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for sizes in SIZE_LISTS.values():
+        masters, grads = make_pairs(sizes, list(GRAD_DTYPES.values()), "cpu", generator)
+        assert extension.accumulate_args_valid(masters, grads, torch.ones(1), torch.ones(()), torch.zeros(1),
+                                               torch.zeros(1))
+        assert extension.accumulate_args_valid(masters, grads, None, None, None, None)
+        assert extension.copy_args_valid([g.clone() for g in grads], masters)
 
 
 def test_zero_dim_scalars_are_accepted():

@@ -16,6 +16,9 @@
 namespace fusedaccum {
 namespace {
 
+// Below this many elements in a call the kernel runs on the calling thread.
+constexpr int64_t kParallelThreshold = 1 << 18;
+
 struct ChunkResult {
   double sumsq = 0.0;
   bool nonfinite = false;
@@ -32,37 +35,52 @@ struct ChunkArgs {
   bool zero_grads;
 };
 
-// The element loop, written so that GCC vectorises it: independent lanes for the sum of squares (a
-// float reduction is not reordered without -ffast-math), and blocks of kBlock elements whose float lane
-// sums are flushed into a double, which keeps the norm's rounding error at a few ulps.
+// The element loop, written so that GCC vectorises it: independent lanes for the sum of squares (a float
+// reduction is not reordered without -ffast-math). `count` is a multiple of kLanes; lane sums stay in float
+// over at most kBlock elements and are then added into a double, which keeps the norm's error at a few ulps.
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 1024;
+
+template <int kDType, bool kOverwrite, bool kZeroGrads>
+__attribute__((always_inline)) inline float accumulate_lanes(float* __restrict__ master,
+                                                             typename GradStorage<kDType>::type* __restrict__ grad,
+                                                             int64_t count, float scale, float post_scale,
+                                                             int& nonfinite) {
+  using G = typename GradStorage<kDType>::type;
+  float lane_sumsq[kLanes] = {};
+  for (int64_t j = 0; j < count; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float g = grad_to_float<kDType>(grad[j + l]);
+      nonfinite |= is_nonfinite(g);
+      const float m = accumulate_value<kOverwrite>(kOverwrite ? 0.0f : master[j + l], g, scale, post_scale);
+      master[j + l] = m;
+      lane_sumsq[l] += m * m;
+      if (kZeroGrads) grad[j + l] = G(0);
+    }
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += lane_sumsq[l];
+  return sum;
+}
+
 template <int kDType, bool kOverwrite, bool kZeroGrads>
 __attribute__((always_inline)) inline ChunkResult accumulate_chunk(float* __restrict__ master,
                                                                    void* __restrict__ grad_ptr, int64_t n,
                                                                    float scale, float post_scale) {
   using G = typename GradStorage<kDType>::type;
   G* __restrict__ grad = static_cast<G*>(grad_ptr);
-  constexpr int kLanes = 16;
-  constexpr int64_t kBlock = 1024;
   ChunkResult result;
   int nonfinite = 0;
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    float lane_sumsq[kLanes] = {};
-    for (int64_t j = 0; j < kBlock; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const float g = grad_to_float<kDType>(grad[i + j + l]);
-        nonfinite |= is_nonfinite(g);
-        const float m = accumulate_value<kOverwrite>(kOverwrite ? 0.0f : master[i + j + l], g, scale, post_scale);
-        master[i + j + l] = m;
-        lane_sumsq[l] += m * m;
-        if (kZeroGrads) grad[i + j + l] = G(0);
-      }
-    }
-    float block_sumsq = 0.0f;
-    for (int l = 0; l < kLanes; ++l) block_sumsq += lane_sumsq[l];
-    result.sumsq += block_sumsq;
+    result.sumsq += accumulate_lanes<kDType, kOverwrite, kZeroGrads>(master + i, grad + i, kBlock, scale,
+                                                                     post_scale, nonfinite);
   }
-  for (; i < n; ++i) {
+  // Small tensors (biases, norms) and tails: still whole lane groups, then at most kLanes - 1 scalars.
+  const int64_t groups = (n - i) / kLanes * kLanes;
+  result.sumsq += accumulate_lanes<kDType, kOverwrite, kZeroGrads>(master + i, grad + i, groups, scale, post_scale,
+                                                                   nonfinite);
+  for (i += groups; i < n; ++i) {
     const float g = grad_to_float<kDType>(grad[i]);
     nonfinite |= is_nonfinite(g);
     const float m = accumulate_value<kOverwrite>(kOverwrite ? 0.0f : master[i], g, scale, post_scale);
@@ -130,6 +148,7 @@ void accumulate_cpu(at::TensorList masters, at::TensorList grads, double scale,
   const float post_scale_f = scalar_value(post_scale, post_scale_tensor);
 
   std::vector<ChunkArgs> chunks;
+  int64_t total_elements = 0;
   for (size_t t = 0; t < masters.size(); ++t) {
     const at::Tensor& m = masters[t];
     const at::Tensor& g = grads[t];
@@ -138,6 +157,7 @@ void accumulate_cpu(at::TensorList masters, at::TensorList grads, double scale,
                 "fusedaccum: invalid tensor pair at index ", t);
     const int32_t code = grad_dtype_code(g);
     const int64_t numel = m.numel();
+    total_elements += numel;
     float* master_ptr = m.data_ptr<float>();
     char* grad_ptr = static_cast<char*>(g.data_ptr());
     for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
@@ -149,9 +169,15 @@ void accumulate_cpu(at::TensorList masters, at::TensorList grads, double scale,
   if (chunks.empty()) return;
 
   std::vector<ChunkResult> results(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  auto run_chunks = [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) results[c] = accumulate_chunk_best(chunks[c]);
-  });
+  };
+  if (total_elements < kParallelThreshold) {
+    // Too little work to pay for waking the thread pool (and a busy core makes the wait far worse).
+    run_chunks(0, static_cast<int64_t>(chunks.size()));
+  } else {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, run_chunks);
+  }
 
   if (found_inf.has_value()) {
     const bool any = std::any_of(results.begin(), results.end(), [](const ChunkResult& r) { return r.nonfinite; });

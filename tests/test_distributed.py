@@ -7,6 +7,7 @@ Every scenario is checked against a single-process large batch of the same globa
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -176,6 +177,71 @@ def _scenario_ddp_weighted(rank: int, world: int) -> None:
     _assert_replicas_identical(model, world, "ddp weighted")
 
 
+def _scenario_ddp_checkpoint(rank: int, world: int) -> None:
+    """DDP, checkpoint mid-window: every rank saves acc.state_dict() and the model's state at micro-step CUT of
+    window 1, a fresh model/DDP/optimizer/wrapper (other initial weights) loads them and trains on; the weights
+    are bit-identical to a run that never stopped. The run ends with a short window flushed under DDP, checked
+    against the single-process large batch."""
+    gen = torch.Generator().manual_seed(3)
+    windows = [W, W, W - 1]  # the last window is short: flush() must divide by world x (W - 1)
+    cut_window, cut = 1, 1  # save after micro-step 1 of window 1: the masters hold one rank-local partial sum
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    schedule = [(k, i) for k, n in enumerate(windows) for i in range(n)]
+
+    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, fusedaccum.GradAccumulator]:
+        torch.manual_seed(seed)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+        )
+        inner = _sgd(ddp)
+        return ddp, inner, fusedaccum.GradAccumulator(inner, W, ddp_module=ddp)
+
+    def train(model: torch.nn.Module, acc: fusedaccum.GradAccumulator, steps: list[tuple[int, int]]) -> None:
+        for k, i in steps:
+            F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+            acc.step()
+            acc.zero_grad()
+            if i + 1 == windows[k] and windows[k] < W:
+                assert acc.flush(), f"window {k}: the short window was not applied"
+
+    # The run that never stops (seed 0: the reference's initial weights).
+    whole, whole_opt, whole_acc = build(0)
+    grads = _record_grads(whole_opt)
+    train(whole, whole_acc, schedule)
+
+    # The interrupted run: the same start, stopped mid-window, checkpointed through torch.save.
+    split = schedule.index((cut_window, cut)) + 1
+    first, _, first_acc = build(0)
+    train(first, first_acc, schedule[:split])
+    assert first_acc.micro_step == cut + 1 and not first_acc.stepped
+    blob = io.BytesIO()
+    torch.save({"model": first.module.state_dict(), "acc": first_acc.state_dict()}, blob)
+    del first, first_acc
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=True)
+
+    # Other initial weights (seed 5), so nothing carries over but what the checkpoint holds.
+    resumed, _, resumed_acc = build(5)
+    assert not torch.equal(next(resumed.parameters()), next(whole.parameters()))
+    resumed.module.load_state_dict(saved["model"])
+    resumed_acc.load_state_dict(saved["acc"])
+    assert resumed_acc.micro_step == cut + 1
+    train(resumed, resumed_acc, schedule[split:])
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p, q), "resumed mid-window: weights differ from the run that never stopped"
+    _assert_replicas_identical(resumed, world, "ddp checkpoint")
+
+    ref = _model()
+    ref_opt = _sgd(ref)
+    ref_grads = _record_grads(ref_opt)
+    for k in range(len(windows)):
+        ref_opt.zero_grad()
+        F.mse_loss(ref(data[k].reshape(-1, 7)), targets[k].reshape(-1, 5)).backward()
+        ref_opt.step()
+    _assert_rel_close(whole.module, ref, grads, ref_grads, "ddp checkpoint (short last window)")
+
+
 def _worker(rank: int, world: int, store_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Loopback only: gloo otherwise resolves the host name to pick an interface, which in containers can be one
@@ -187,6 +253,7 @@ def _worker(rank: int, world: int, store_path: str) -> None:
     try:
         _scenario_plain(rank, world)
         _scenario_ddp_weighted(rank, world)
+        _scenario_ddp_checkpoint(rank, world)
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()

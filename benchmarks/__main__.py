@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from . import bench_accumulate, bench_end_to_end, bench_numerics, common
+from . import bench_accumulate, bench_claims, bench_end_to_end, bench_numerics, common
 
-SECTIONS = ("accumulate", "numerics", "end_to_end")
+SECTIONS = ("accumulate", "numerics", "end_to_end", "claims")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data["numerics"] = bench_numerics.run(device, ns=[1, 2, 4, 8] if mode == "tiny" else None,
                                               numel=1 << 12 if mode == "tiny" else 1 << 16)
         _write(path, data)
+    if "claims" in sections:
+        # Before the end-to-end section: it is short, and on a GPU run that section can use up the time left.
+        data["claims"] = bench_claims.run(device, mode)
+        _write(path, data)
     if "end_to_end" in sections and device.type == "cpu" and mode == "default" and not args.only:
         # 12 training configurations, each in its own process, do not fit the default CPU run's 3 minutes.
         data["end_to_end"] = {"skipped": "not in the default CPU run (12 isolated training runs do not fit its "
@@ -117,6 +121,9 @@ def print_summary(data: dict[str, Any]) -> None:
     if "end_to_end" in data:
         print("\n== end to end ==")
         print(bench_end_to_end.summary_table(data["end_to_end"]))
+    if "claims" in data:
+        print("\n== the classic claims, measured ==")
+        print(bench_claims.summary_table(data["claims"], data.get("end_to_end")))
     if data.get("targets"):
         print("\n== targets (read from this run, never asserted) ==")
         for t in data["targets"]:

@@ -89,6 +89,32 @@ def test_end_to_end_ran_or_said_why(tiny_run: tuple[dict, Path, str]) -> None:
         assert _positive(r["s_per_update"])
 
 
+def test_claims(tiny_run: tuple[dict, Path, str]) -> None:
+    section = tiny_run[0]["claims"]
+    if "rows" not in section:  # only without GradAccumulator, and then it says why
+        assert section["skipped"]
+        return
+    assert not section["failures"], section["failures"]
+    assert section["config"]["ns"] == [2, 4] and section["config"]["updates"] >= 1
+    rows = section["rows"]
+    methods = {(r["model_dtype"], r["method"]) for r in rows}
+    bf16_methods = ("large-batch", "native-bf16", "fusedaccum", "fusedaccum-master_weights")
+    assert {("bfloat16", m) for m in bf16_methods} <= methods
+    assert {("float32", m) for m in ("large-batch", "native-fp32", "fusedaccum")} <= methods
+    assert ("bfloat16", "native-fp32-grad_dtype") in methods or "native-fp32-grad_dtype" in section["skipped"]
+    for r in rows:
+        assert r["N"] in (2, 4)
+        for ref in ("large_batch", "float64"):
+            for metric in ("max_abs", "l2_rel_to_param", "l2_rel_to_update"):
+                value = r[f"{metric}_vs_{ref}"]
+                assert math.isfinite(value) and value >= 0, (metric, ref, r)
+        if r["method"] == "large-batch":  # the reference against itself: the comparison's plumbing
+            assert r["max_abs_vs_large_batch"] == 0, r
+        # Every run really trained: nothing equals the float64 run bit for bit.
+        assert r["max_abs_vs_float64"] > 0, r
+    assert "classic claims" in tiny_run[2]
+
+
 def test_outputs(tiny_run: tuple[dict, Path, str]) -> None:
     data, out, stdout = tiny_run
     for suffix in ("flat", "lists", "numerics"):

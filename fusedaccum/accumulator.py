@@ -36,6 +36,9 @@ _STATE_KEY = "fusedaccum"
 _STATE_VERSION = 1
 # Bounds the scratch memory of the rare "scale the masters without a new grad" pass (see _scale_masters_only_).
 _ZERO_CHUNK_ELEMENTS = 1 << 22
+# Default all-reduce bucket size, DDP's default: large enough that per-collective latency is amortised, small enough
+# that several buckets of a large model are in flight at once.
+DEFAULT_BUCKET_CAP_MB = 25.0
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -96,10 +99,11 @@ class GradAccumulator(torch.optim.Optimizer):
         process_group: ``None`` (default): single process, no communication. ``"default"`` (the default
             torch.distributed group) or a ``ProcessGroup``: data-parallel training. No collective runs on a
             window's non-final micro-steps; on its last one (and in :meth:`flush`) the ranks all-reduce (SUM)
-            each flat float32 master buffer once, plus one small float64 tensor (the inf flags, the weight sums,
-            which params got a gradient), and divide by the global weight sum: the update is the mean over
-            world size x window (or the global weighted mean; ``reduction="sum"``: the global sum), every rank
-            skips the same windows, and the clipping norm is the global one. Every rank must call :meth:`step`
+            each flat float32 master buffer once, in buckets of ``bucket_cap_mb`` issued together, plus one small
+            float64 tensor (the inf flags, the weight sums, which params got a gradient), and divide by the
+            global weight sum: the update is the mean over world size x window (or the global weighted mean;
+            ``reduction="sum"``: the global sum), every rank skips the same windows, and the clipping norm is the
+            global one. Every rank must call :meth:`step`
             and :meth:`flush` equally often (they are collective) with the same settings and parameter layout.
             See docs/distributed.md.
         ddp_module: the ``DistributedDataParallel`` module that wraps the model whose parameters ``optimizer``
@@ -108,6 +112,9 @@ class GradAccumulator(torch.optim.Optimizer):
             window) and uses DDP's process group unless ``process_group`` is given (then it must be the same).
             A DDP model must be passed here: otherwise DDP averages on every backward and the wrapper would
             average again (weighted windows would come out wrong).
+        bucket_cap_mb: distributed only: the master buffers are all-reduced in contiguous slices of at most this
+            many MiB (default 25, as DDP), all issued asynchronously before any is waited on, so the backend can
+            work on several at once. Results do not depend on it beyond float rounding of the sums.
 
     Raises:
         TypeError / ValueError: bad arguments; nothing is created.
@@ -130,6 +137,7 @@ class GradAccumulator(torch.optim.Optimizer):
         scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
         ddp_module: torch.nn.Module | None = None,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
     ) -> None:
         if isinstance(optimizer, GradAccumulator):
             raise TypeError(
@@ -160,6 +168,11 @@ class GradAccumulator(torch.optim.Optimizer):
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"fusedaccum: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real):
+            raise TypeError(f"fusedaccum: bucket_cap_mb must be a number, got {bucket_cap_mb!r}")
+        if not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0):
+            raise ValueError(f"fusedaccum: bucket_cap_mb must be finite and > 0, got {bucket_cap_mb}")
+
         distributed, group = _resolve_process_group(process_group, ddp_module)
 
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
@@ -173,6 +186,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._scaler = scaler
         self._distributed = distributed
         self._group = group  # None with distributed=True means torch.distributed's default group
+        # float32 elements per all-reduce bucket (at least one, so a tiny cap still makes progress).
+        self._bucket_elements = max(1, int(bucket_cap_mb * 2**20) // 4)
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
         self._optimizer_state_dict_pre_hooks = {}
@@ -741,9 +756,16 @@ class GradAccumulator(torch.optim.Optimizer):
             meta[2 if self._weighted else 3] = 1.0
         if entries:
             meta[4:] = torch.tensor(self._touched, dtype=torch.float64).to(device)
-        dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group)
-        for buffer in self._buffers.values():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self._group)
+        # Every collective is issued before any is waited on: the backend can then work on several buckets at once
+        # (gloo runs them on its worker threads; nccl queues them on its stream) instead of one round trip each.
+        # This runs after the last backward, not during it: the sum to reduce is the fp32 master, which is only
+        # complete once the last micro-step's fused pass has added that backward's gradients (see
+        # docs/distributed.md, "Bucketed reduction").
+        works = [dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group, async_op=True)]
+        for bucket in self._buckets():
+            works.append(dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self._group, async_op=True))
+        for work in works:
+            work.wait()
         host = meta.tolist()  # host sync: skip/step and which params to hand the optimizer are host decisions
         overflow, weight_sum, n_weighted, n_unweighted = host[0] > 0, host[1], host[2], host[3]
         self._touched = [t > 0 for t in host[4:]]
@@ -767,6 +789,16 @@ class GradAccumulator(torch.optim.Optimizer):
         if not overflow:  # a skipped window needs no scaling
             self._scale_masters_only_([e for e, t in zip(entries, self._touched) if t], self._post_scale())
         return self._finish_window()
+
+    def _buckets(self) -> Iterator[torch.Tensor]:
+        """Contiguous slices (views) of each flat master buffer, at most ``bucket_cap_mb`` each, in buffer order.
+
+        Buckets ignore parameter boundaries: the all-reduce is an elementwise sum, so any tiling gives each
+        element the same sum and the cap is met exactly."""
+        size = self._bucket_elements
+        for buffer in self._buffers.values():
+            for start in range(0, buffer.numel(), size):
+                yield buffer[start : start + size]
 
     def _update_scaler(self, found: torch.Tensor) -> None:
         # Hand GradScaler the window's inf flag the way its own step() would record it, then let its update()

@@ -23,6 +23,7 @@ W = 3  # accumulation_steps
 ROWS = 4  # rows per micro-batch in the unweighted scenario
 LR, MOMENTUM, MAX_NORM = 0.1, 0.9, 0.05  # MAX_NORM is small enough that every window is clipped
 REL = 1e-6
+BUCKET = 64  # float32 elements per all-reduce bucket in the plain scenario: the 174-element buffer makes 3 buckets
 
 
 def _model() -> torch.nn.Module:
@@ -70,16 +71,40 @@ def _assert_replicas_identical(model: torch.nn.Module, world: int, what: str) ->
             assert torch.equal(c, copies[0]), f"{what}: replicas differ"
 
 
+def _assert_buckets_tile(buckets: list[torch.Tensor], buffer: torch.Tensor, what: str) -> None:
+    """The all-reduced tensors are consecutive views of ``buffer`` that cover it exactly, each <= BUCKET long."""
+    assert len(buckets) == -(-buffer.numel() // BUCKET), f"{what}: {len(buckets)} buckets for {buffer.numel()}"
+    start = buffer.data_ptr()
+    for b in buckets:
+        assert b.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), f"{what}: not a view"
+        assert b.data_ptr() == start and b.is_contiguous() and b.numel() <= BUCKET, f"{what}: bucket out of place"
+        start += b.numel() * b.element_size()
+    assert start == buffer.data_ptr() + buffer.numel() * buffer.element_size(), f"{what}: buckets miss a tail"
+
+
 class _CountAllReduce:
-    """Replaces torch.distributed.all_reduce (which the wrapper looks up at call time) and logs every call."""
+    """Replaces torch.distributed.all_reduce (which the wrapper looks up at call time) and logs every call, and
+    every wait on an asynchronous one, in order (``events``: "issue" / "wait")."""
 
     def __init__(self) -> None:
         self.calls: list[torch.Tensor] = []
+        self.events: list[str] = []
         self._real = dist.all_reduce
 
     def __call__(self, tensor: torch.Tensor, *args, **kwargs):
         self.calls.append(tensor)
-        return self._real(tensor, *args, **kwargs)
+        self.events.append("issue")
+        work = self._real(tensor, *args, **kwargs)
+        return _LoggedWork(work, self.events) if kwargs.get("async_op") else work
+
+
+class _LoggedWork:
+    def __init__(self, work, events: list[str]) -> None:
+        self._work, self._events = work, events
+
+    def wait(self, *args, **kwargs):
+        self._events.append("wait")
+        return self._work.wait(*args, **kwargs)
 
 
 def _scenario_plain(rank: int, world: int) -> None:
@@ -94,16 +119,18 @@ def _scenario_plain(rank: int, world: int) -> None:
     model, ref = _model(), _model()
     inner, ref_opt = _sgd(model), _sgd(ref)
     grads, ref_grads = _record_grads(inner), _record_grads(ref_opt)
-    acc = fusedaccum.GradAccumulator(inner, W, max_grad_norm=MAX_NORM, process_group="default")
+    acc = fusedaccum.GradAccumulator(
+        inner, W, max_grad_norm=MAX_NORM, process_group="default", bucket_cap_mb=BUCKET * 4 / 2**20
+    )
     masters = [b.buffer for b in acc.master_grad_buffers()]
-    assert len(masters) == 1
+    assert len(masters) == 1 and masters[0].numel() > 2 * BUCKET
 
     counter = _CountAllReduce()
     dist.all_reduce = counter
     try:
         for k, n in enumerate(windows):
             for i in range(n):
-                before = len(counter.calls)
+                before, events_before = len(counter.calls), len(counter.events)
                 F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
                 if k == nan_window and i == 0 and rank == world - 1:
                     next(model.parameters()).grad[0, 0] = float("nan")
@@ -113,14 +140,17 @@ def _scenario_plain(rank: int, world: int) -> None:
                 if i + 1 < W:
                     assert made == [], f"window {k} micro-step {i}: {len(made)} all-reduce(s) on a non-final step"
                 else:
-                    # One small metadata tensor, then each flat master buffer exactly once.
-                    assert len(made) == 2 and made[1] is masters[0], f"window {k}: {len(made)} all-reduces"
-                    assert made[0].dtype == torch.float64 and made[0].numel() < 16
+                    # One small metadata tensor, then the flat master buffer exactly once, in buckets.
+                    assert made[0].dtype == torch.float64 and made[0].numel() < 16, f"window {k}: no metadata"
+                    _assert_buckets_tile(made[1:], masters[0], f"window {k}")
+                    # All issued back to back, then all waited on: the buckets are in flight together.
+                    assert counter.events[events_before:] == ["issue"] * len(made) + ["wait"] * len(made)
             if n < W:
                 before = len(counter.calls)
                 assert acc.flush()
                 made = counter.calls[before:]
-                assert len(made) == 2 and made[1] is masters[0]
+                assert made[0].dtype == torch.float64
+                _assert_buckets_tile(made[1:], masters[0], "flush")
             assert acc.stepped == (k != nan_window)
     finally:
         dist.all_reduce = counter._real
@@ -273,6 +303,11 @@ def test_refusals() -> None:
         fusedaccum.GradAccumulator(opt, 2, process_group="default")
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         fusedaccum.GradAccumulator(opt, 2, ddp_module=_model())
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="bucket_cap_mb"):
+            fusedaccum.GradAccumulator(opt, 2, bucket_cap_mb=bad)
+    with pytest.raises(TypeError, match="bucket_cap_mb"):
+        fusedaccum.GradAccumulator(opt, 2, bucket_cap_mb="25")
 
 
 def test_refuses_dtensor_params(tmp_path) -> None:

@@ -53,7 +53,9 @@ check-cpu-torch:
 	cd $(CPU_VENV)/src && FUSEDACCUM_BUILD_CUDA=auto ../bin/python -m pip install --no-build-isolation --no-deps -v . \
 		> ../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
 	@grep -h "fusedaccum setup" $(CPU_VENV)/build.log | sort -u
-	cd $(CPU_VENV)/src && ../bin/python -m fusedaccum.info && ../bin/pytest tests/test_ops.py
+	@# info from outside src/: `python -m` puts the working directory first on sys.path (the unbuilt copy)
+	cd $(CPU_VENV) && bin/python -m fusedaccum.info
+	cd $(CPU_VENV)/src && ../bin/pytest tests/test_ops.py
 
 lint:
 	$(VENV)/bin/python -m pip install --quiet ruff

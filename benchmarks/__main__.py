@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from . import bench_accumulate, bench_claims, bench_end_to_end, bench_numerics, common
+from . import bench_accumulate, bench_claims, bench_distributed, bench_end_to_end, bench_numerics, common
 
-SECTIONS = ("accumulate", "numerics", "end_to_end", "claims")
+SECTIONS = ("accumulate", "numerics", "end_to_end", "claims", "distributed")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Before the end-to-end section: it is short, and on a GPU run that section can use up the time left.
         data["claims"] = bench_claims.run(device, mode)
         _write(path, data)
+    if "distributed" in sections:
+        # 2 processes, gloo, CPU whatever the device (communication volume and latency; see bench_distributed).
+        data["distributed"] = bench_distributed.run(tiny=mode == "tiny")
+        _write(path, data)
     if "end_to_end" in sections and device.type == "cpu" and mode == "default" and not args.only:
         # 12 training configurations, each in its own process, do not fit the default CPU run's 3 minutes.
         data["end_to_end"] = {"skipped": "not in the default CPU run (12 isolated training runs do not fit its "
@@ -124,6 +128,9 @@ def print_summary(data: dict[str, Any]) -> None:
     if "claims" in data:
         print("\n== the classic claims, measured ==")
         print(bench_claims.summary_table(data["claims"], data.get("end_to_end")))
+    if "distributed" in data:
+        print("\n== distributed: one accumulation window under DDP, per rank ==")
+        print(bench_distributed.summary_table(data["distributed"]))
     if data.get("targets"):
         print("\n== targets (read from this run, never asserted) ==")
         for t in data["targets"]:

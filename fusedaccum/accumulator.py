@@ -103,9 +103,8 @@ class GradAccumulator(torch.optim.Optimizer):
             float64 tensor (the inf flags, the weight sums, which params got a gradient), and divide by the
             global weight sum: the update is the mean over world size x window (or the global weighted mean;
             ``reduction="sum"``: the global sum), every rank skips the same windows, and the clipping norm is the
-            global one. Every rank must call :meth:`step`
-            and :meth:`flush` equally often (they are collective) with the same settings and parameter layout.
-            See docs/distributed.md.
+            global one. Every rank must call :meth:`step` and :meth:`flush` equally often (they are collective)
+            with the same settings and parameter layout. See docs/distributed.md.
         ddp_module: the ``DistributedDataParallel`` module that wraps the model whose parameters ``optimizer``
             holds. The wrapper switches off DDP's per-backward gradient all-reduce for good (as if every
             backward ran under ``ddp_module.no_sync()``; its reduction is replaced by the wrapper's one per

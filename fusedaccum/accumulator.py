@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ _ZERO_CHUNK_ELEMENTS = 1 << 22
 DEFAULT_BUCKET_CAP_MB = 25.0
 
 GroupKey = tuple[torch.device, torch.dtype]
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 class MasterGradBuffer(NamedTuple):
@@ -187,12 +190,13 @@ class GradAccumulator(torch.optim.Optimizer):
         self._group = group  # None with distributed=True means torch.distributed's default group
         # float32 elements per all-reduce bucket (at least one, so a tiny cap still makes progress).
         self._bucket_elements = max(1, int(bucket_cap_mb * 2**20) // 4)
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        # OrderedDicts as in Optimizer.__init__: the handles register_*_hook returns keep weak references to them.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
         # Window state.
@@ -366,6 +370,15 @@ class GradAccumulator(torch.optim.Optimizer):
             where = f"micro-step {self._micro_step + 1} of {self._accumulation_steps}"
             raise RuntimeError(self._no_grads_message(where))
 
+        # The kernels' own checks (e.g. two params sharing one grad tensor), for every tensor of this micro-step at
+        # once, before anything is counted or written: a failure below would leave a half-counted window.
+        by_device: dict[torch.device, list[tuple[_Entry, torch.Tensor]]] = {}
+        for entry, grad in grads:
+            by_device.setdefault(entry.key[0], []).append((entry, grad))
+        for device, pairs in by_device.items():
+            ops.check_accumulate_args([e.view for e, _ in pairs], [g for _, g in pairs],
+                                      found_inf=self._found_inf[device], sumsq=self._sumsq[device])
+
         # Validation is over: from here on, state changes.
         self._stepped = False
         self._weighted = weight is not None
@@ -377,9 +390,6 @@ class GradAccumulator(torch.optim.Optimizer):
         scale = self._micro_scale(w)
         if local_last:
             self._zero_sumsq()
-        by_device: dict[torch.device, list[tuple[_Entry, torch.Tensor]]] = {}
-        for entry, grad in grads:
-            by_device.setdefault(entry.key[0], []).append((entry, grad))
         for device, pairs in by_device.items():
             self._accumulate_device_(device, pairs, scale, post_scale, local_last)
         for entry, _ in grads:
@@ -439,6 +449,8 @@ class GradAccumulator(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         self._sync_layout()
+        if self._master_weights:
+            self._refresh_master_weights()  # a param changed since the last update must be saved as it is now
         with self._inner_sees_master_weights():
             state = self._inner.state_dict()
         found = self._combined(self._found_inf)
@@ -525,7 +537,9 @@ class GradAccumulator(torch.optim.Optimizer):
             entry = self._entries[int(index)]
             if entry.master_weight is not None:
                 entry.master_weight.copy_(saved)
-                entry.version = entry.param._version
+                # Not "in sync": the model may have been loaded (or changed) before or after this; the next update
+                # compares the param with the rounded copy and keeps the copy only if they agree.
+                entry.version = -1
         self._touched = [bool(t) for t in ours["touched"]]
         self._micro_step = int(ours["micro_step"])
         self._weight_sum = float(ours["weight_sum"])
@@ -579,6 +593,11 @@ class GradAccumulator(torch.optim.Optimizer):
             value = float(weight)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"fusedaccum: weight must be finite and > 0, got {value}")
+        # Weights scale float32 masters: one that is inf or 0 in float32 would poison the window unseen.
+        if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:
+            raise ValueError(
+                f"fusedaccum: weight {value} is outside float32's normal range [{_FLOAT32_TINY}, {_FLOAT32_MAX}]"
+            )
         return value
 
     def _collect_grads(self) -> list[tuple[_Entry, torch.Tensor]]:
@@ -707,6 +726,9 @@ class GradAccumulator(torch.optim.Optimizer):
         found = self._combined(self._found_inf)
         sumsq = self._combined(self._sumsq)
         norm = sumsq.sqrt()
+        # Finite grads can still sum past float32's range in the masters: a non-finite norm skips the window too,
+        # read in the same host sync as the flag.
+        found = torch.maximum(found, (~torch.isfinite(sumsq)).to(found.dtype))
         coef = None
         probe = found
         if self._max_grad_norm is not None:

@@ -235,6 +235,27 @@ def accumulate_(
     )
 
 
+def check_accumulate_args(
+    masters: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    scale: Scale = 1.0,
+    *,
+    post_scale: Scale = 1.0,
+    found_inf: torch.Tensor | None = None,
+    sumsq: torch.Tensor | None = None,
+) -> None:
+    """Raise the error :func:`accumulate_` would raise for these arguments, and touch nothing.
+
+    For callers that must decide before changing their own state (the GradAccumulator validates a micro-step's
+    whole batch of tensors before it counts the micro-step). The same checks as :func:`accumulate_`.
+    """
+    masters = _check_tensor_list("masters", masters)
+    grads = _check_tensor_list("grads", grads)
+    _, scale_tensor = _split_scale("scale", scale)
+    _, post_scale_tensor = _split_scale("post_scale", post_scale)
+    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real=True)
+
+
 def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
     """Cast-copy ``srcs[i]`` into ``dsts[i]`` for every i (e.g. float32 master weights into bf16 params).
 

@@ -979,3 +979,115 @@ def test_state_dict_from_other_layout_is_refused():
     frozen_acc = GradAccumulator(torch.optim.Adam(frozen.parameters(), lr=1e-2), N, backend="cpu")
     with pytest.raises(ValueError, match="another parameter layout"):
         frozen_acc.load_state_dict(restored(saved(acc.state_dict())))
+
+
+# ------------------------------------------------------------------------------ review findings, pinned
+def test_master_weights_resume_keeps_changes_made_after_an_update():
+    """A param the user changes after an update (a projection, here a clamp) must survive a checkpoint taken at a
+    window boundary, whichever of model and wrapper is loaded first: the resumed run matches bit for bit."""
+    torch.manual_seed(torch.seed() % 2**31)
+    data = [(torch.randn(8, 16), torch.randn(8, 4)) for _ in range(12)]
+    init = torch.nn.Linear(16, 4).to(torch.bfloat16)
+
+    def make():
+        model = copy.deepcopy(init)
+        return model, GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.5), 2, master_weights=True)
+
+    def micro(model, acc, x, y):
+        ((model(x.bfloat16()).float() - y) ** 2).mean().backward()
+        acc.step()
+        if acc.stepped:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-0.05, 0.05)
+
+    model_a, acc_a = make()
+    for x, y in data:
+        micro(model_a, acc_a, x, y)
+    for model_first in (True, False):
+        model_b, acc_b = make()
+        for x, y in data[:6]:
+            micro(model_b, acc_b, x, y)
+        buffer = io.BytesIO()
+        torch.save({"model": model_b.state_dict(), "acc": acc_b.state_dict()}, buffer)
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=False)
+        model_c, acc_c = make()
+        if model_first:
+            model_c.load_state_dict(checkpoint["model"])
+            acc_c.load_state_dict(checkpoint["acc"])
+        else:
+            acc_c.load_state_dict(checkpoint["acc"])
+            model_c.load_state_dict(checkpoint["model"])
+        for x, y in data[6:]:
+            micro(model_c, acc_c, x, y)
+        for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
+            assert torch.equal(p_a, p_c), f"resumed run differs (model loaded first: {model_first})"
+
+
+@pytest.mark.parametrize("weight", [1e39, 1e-39])
+def test_weight_outside_float32_range_is_refused(weight):
+    p = torch.nn.Parameter(torch.randn(5))
+    acc = GradAccumulator(torch.optim.SGD([p], lr=0.1), 2)
+    p.grad = torch.randn(5)
+    with pytest.raises(ValueError, match="float32's normal range"):
+        acc.step(weight=weight)
+    assert acc.micro_step == 0 and p.grad is not None
+
+
+def test_window_whose_sum_overflows_float32_is_skipped():
+    """Finite grads whose sum leaves float32's range: the window is skipped, nothing is corrupted."""
+    p = torch.nn.Parameter(torch.randn(5))
+    before = p.detach().clone()
+    acc = GradAccumulator(torch.optim.SGD([p], lr=0.1, momentum=0.9), 2, reduction="sum")
+    for _ in range(2):
+        p.grad = torch.full((5,), 3e38)
+        acc.step()
+    assert not acc.stepped and acc.skipped_windows == 1
+    assert torch.equal(p.detach(), before) and not acc.optimizer.state
+    p.grad = torch.ones(5)
+    acc.step()
+    p.grad = torch.ones(5)
+    acc.step()
+    assert acc.stepped and torch.allclose(p.detach(), before - 0.1 * 2.0)
+
+
+def test_step_rejected_by_the_kernel_checks_changes_nothing():
+    """Two params sharing one grad tensor are refused by the op's overlap check, before the micro-step counts."""
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    acc = GradAccumulator(torch.optim.SGD([a, b], lr=0.1), 4)
+    shared = torch.randn(4)
+    a.grad = b.grad = shared
+    with pytest.raises(ValueError, match="overlap"):
+        acc.step(weight=3.0)
+    assert acc.micro_step == 0 and a.grad is shared and b.grad is shared
+    a0 = a.detach().clone()
+    for _ in range(4):
+        a.grad, b.grad = torch.ones(4), torch.ones(4)
+        acc.step(weight=1.0)
+    assert torch.allclose(a0 - a.detach(), torch.full((4,), 0.1)), "an earlier rejected call leaked into the window"
+
+
+def test_hooks_registered_on_the_wrapper_run():
+    """Step hooks on the wrapper run on every micro-step; state-dict hooks on save and load."""
+    p = torch.nn.Parameter(torch.randn(3))
+    acc = GradAccumulator(torch.optim.SGD([p], lr=0.1), 2)
+    calls = []
+    handles = [
+        acc.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre")),
+        acc.register_step_post_hook(lambda opt, args, kwargs: calls.append("post")),
+        acc.register_state_dict_pre_hook(lambda opt: calls.append("sd_pre")),
+        acc.register_state_dict_post_hook(lambda opt, sd: calls.append("sd_post")),
+        acc.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("load_pre")),
+        acc.register_load_state_dict_post_hook(lambda opt: calls.append("load_post")),
+    ]
+    for _ in range(2):
+        p.grad = torch.randn(3)
+        acc.step()
+    acc.load_state_dict(acc.state_dict())
+    assert calls == ["pre", "post", "pre", "post", "sd_pre", "sd_post", "load_pre", "load_post"]
+    for handle in handles:
+        handle.remove()
+    p.grad = torch.randn(3)
+    acc.step()
+    assert len(calls) == 8

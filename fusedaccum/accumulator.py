@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,6 +118,18 @@ class GradAccumulator(torch.optim.Optimizer):
         bucket_cap_mb: distributed only: the master buffers are all-reduced in contiguous slices of at most this
             many MiB (default 25, as DDP), all issued asynchronously before any is waited on, so the backend can
             work on several at once. Results do not depend on it beyond float rounding of the sums.
+        accumulate_in_backward: single process only. Add each parameter's gradient into its master the moment
+            autograd finishes it (a ``register_post_accumulate_grad_hook`` per trainable param) and set its
+            ``.grad`` to None right there, so at most one parameter's bf16/fp16 gradient is alive at a time: peak
+            gradient memory is the 4 B/param masters instead of masters + the model's gradients (6 B/param for
+            bf16). The cost: one :func:`fusedaccum.ops.accumulate_` call (one launch on CUDA) per parameter per
+            backward instead of one per device per micro-step. The maths is the default mode's, bit for bit (the
+            clipping norm is summed per parameter, so it can differ in its last bits). ``step()`` then only counts
+            the micro-step and applies the update when due. Because the window's last micro-step scales by 1/W
+            inside backward, a weight must be known before backward: ``step(weight=...)`` is refused in this mode
+            (use the default mode for weighted windows). Several backwards before one ``step()`` form one
+            micro-step, as in the default mode. Not with ``process_group``/``ddp_module`` yet (overlapping the
+            reduction with the last backward is the next step).
 
     Raises:
         TypeError / ValueError: bad arguments; nothing is created.
@@ -140,6 +153,7 @@ class GradAccumulator(torch.optim.Optimizer):
         process_group: Any = None,
         ddp_module: torch.nn.Module | None = None,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        accumulate_in_backward: bool = False,
     ) -> None:
         if isinstance(optimizer, GradAccumulator):
             raise TypeError(
@@ -175,6 +189,15 @@ class GradAccumulator(torch.optim.Optimizer):
         if not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0):
             raise ValueError(f"fusedaccum: bucket_cap_mb must be finite and > 0, got {bucket_cap_mb}")
 
+        if not isinstance(accumulate_in_backward, bool):
+            raise TypeError(f"fusedaccum: accumulate_in_backward must be a bool, got {accumulate_in_backward!r}")
+
+        if accumulate_in_backward and (process_group is not None or ddp_module is not None):
+            raise ValueError(
+                "fusedaccum: accumulate_in_backward=True is single-process only for now; with process_group/"
+                "ddp_module use the default mode (overlapping the reduction with the last backward is the next step)"
+            )
+
         distributed, group = _resolve_process_group(process_group, ddp_module)
 
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
@@ -206,6 +229,15 @@ class GradAccumulator(torch.optim.Optimizer):
         self._stepped = False
         self._skipped_windows = 0
         self._grad_norm: torch.Tensor | None = None
+        # accumulate_in_backward state: the hooks' handles, the params (by id) whose grad a hook consumed since the
+        # last step() (this micro-step's; on the last micro-step their masters are final: post-scaled, in sumsq),
+        # whether sumsq must be recomputed (a param got a second grad in the last micro-step), and the inverse loss
+        # scale of this micro-step (read once per micro-step, on the device).
+        self._in_backward = accumulate_in_backward
+        self._hook_handles: list[Any] = []
+        self._fresh: set[int] = set()
+        self._sumsq_stale = False
+        self._hook_scale: float | torch.Tensor | None = None
 
         # Layout (built from the param_groups; rebuilt when they change).
         self._signature: tuple[int, ...] = ()
@@ -301,6 +333,9 @@ class GradAccumulator(torch.optim.Optimizer):
         # except a step wrapper an LR scheduler put on this instance: it points at the original object.
         state = self.__dict__.copy()
         state.pop("step", None)
+        # Hook handles point at the original params; a copy registers its own on its params (__setstate__).
+        state["_hook_handles"] = []
+        state["_hook_scale"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -310,13 +345,14 @@ class GradAccumulator(torch.optim.Optimizer):
         self._index_of = {id(e): i for i, e in enumerate(self._entries)}
         self._signature = self._layout_signature([(e.position, e.param) for e in self._entries])
         self._patch_step_function()
+        self._register_hooks()
 
     def __repr__(self) -> str:
         return (
             f"GradAccumulator({self._inner!r}, accumulation_steps={self._accumulation_steps}, "
             f"reduction={self._reduction!r}, master_weights={self._master_weights}, "
             f"max_grad_norm={self._max_grad_norm}, backend={self._backend!r}, "
-            f"distributed={self._distributed})"
+            f"distributed={self._distributed}, accumulate_in_backward={self._in_backward})"
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -350,11 +386,19 @@ class GradAccumulator(torch.optim.Optimizer):
 
         Raises:
             ValueError / TypeError: bad weight, sparse or non-float gradients, weights given on only some
-                micro-steps of a window. RuntimeError: the update is due but no parameter received a gradient in
-                the whole window; ``scaler.step(acc)`` or ``scaler.unscale_(acc)`` was used. After any of these
-                nothing has changed (the grads are still in ``.grad``).
+                micro-steps of a window; ``weight=`` with ``accumulate_in_backward=True``. RuntimeError: the update
+                is due but no parameter received a gradient in the whole window; ``scaler.step(acc)`` or
+                ``scaler.unscale_(acc)`` was used. After any of these nothing has changed (the grads are still in
+                ``.grad``; with ``accumulate_in_backward=True`` the hooks have already added them to the masters,
+                and the next successful ``step()`` counts them).
         """
         self._refuse_grad_scaler_step()
+        if self._in_backward and weight is not None:
+            raise ValueError(
+                "fusedaccum: step(weight=...) cannot be used with accumulate_in_backward=True: the hooks scale the "
+                "window's last micro-step by 1/sum(weights) during backward, before step() could give its weight. "
+                "Use the default mode (accumulate_in_backward=False) for weighted windows"
+            )
         w = self._check_weight(weight)
         self._check_weighting(weight is not None)
         self._check_scaler_ready()
@@ -382,6 +426,8 @@ class GradAccumulator(torch.optim.Optimizer):
         # Validation is over: from here on, state changes.
         self._stepped = False
         self._weighted = weight is not None
+        if self._in_backward:
+            return self._count_hooked_micro_step(grads, last, loss, closure is not None)
         self._weight_sum += w
         # Distributed: the masters hold raw (weighted) sums until the reduction; the 1/global-weight-sum and the
         # norm are applied once, after it (dividing locally first would be wrong when ranks' weight sums differ).
@@ -406,6 +452,34 @@ class GradAccumulator(torch.optim.Optimizer):
             result = self._reduce_and_finish() if self._distributed else self._finish_window()
         return loss if closure is not None else result
 
+    def _count_hooked_micro_step(
+        self, grads: list[tuple[_Entry, torch.Tensor]], last: bool, loss: Any, has_closure: bool
+    ) -> Any:
+        """step() with accumulate_in_backward: the hooks already added this micro-step's grads; count it, finish
+        the window's last micro-step and apply the update when due."""
+        # Grads no hook consumed (a param that became trainable after the last layout sync, a .grad set by hand)
+        # take the hooks' path: per param, so one already final in this last micro-step is handled too.
+        for entry, grad in grads:
+            self._accumulate_in_hook_(entry, grad)
+        if last:
+            post_scale = self._post_scale(1.0)
+            if not self._fresh:
+                self._zero_sumsq()  # no grad at all this micro-step: sumsq still holds the previous window's norm²
+            lagging = [e for e, t in zip(self._entries, self._touched) if t and id(e.param) not in self._fresh]
+            self._scale_masters_only_(lagging, post_scale)
+            if self._sumsq_stale:
+                # A param got a second grad after its master was final: its sumsq term is out of date. Recount all
+                # (post_scale 1 leaves the masters as they are); rare, one read+write pass.
+                self._zero_sumsq()
+                self._scale_masters_only_([e for e, t in zip(self._entries, self._touched) if t], 1.0)
+        self._weight_sum += 1.0
+        self._micro_step += 1
+        self._fresh.clear()
+        self._sumsq_stale = False
+        self._hook_scale = None  # the scaler may be updated (end of window) or reloaded before the next backward
+        result = self._finish_window() if last else None
+        return loss if has_closure else result
+
     def flush(self) -> bool:
         """Apply the current short window now, with its true count (or weight sum); e.g. at the end of an epoch.
 
@@ -420,6 +494,7 @@ class GradAccumulator(torch.optim.Optimizer):
             RuntimeError: the window has micro-steps but no parameter received a gradient in it (nothing changes).
         """
         self._refuse_grad_scaler_step()
+        self._refuse_uncounted_backward("flush()")
         if self._distributed:
             # Collective: a rank with an empty window still takes part (it contributes zeros and weight 0).
             self._sync_layout()
@@ -448,6 +523,7 @@ class GradAccumulator(torch.optim.Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
+        self._refuse_uncounted_backward("state_dict()")
         self._sync_layout()
         if self._master_weights:
             self._refresh_master_weights()  # a param changed since the last update must be saved as it is now
@@ -521,6 +597,12 @@ class GradAccumulator(torch.optim.Optimizer):
                 f"fusedaccum: the state dict was saved with master_weights={ours['master_weights']}, this wrapper "
                 f"has master_weights={self._master_weights}"
             )
+        if ours["micro_step"] and ours["weighted"] and self._in_backward:
+            raise ValueError(
+                "fusedaccum: the state dict holds a half-finished weighted window (step(weight=...)); "
+                "accumulate_in_backward=True cannot continue it (weights are refused in that mode). Load it at a "
+                "window boundary or into a wrapper with accumulate_in_backward=False"
+            )
         if ours["micro_step"] and (
             ours["accumulation_steps"] != self._accumulation_steps or ours["reduction"] != self._reduction
         ):
@@ -541,6 +623,9 @@ class GradAccumulator(torch.optim.Optimizer):
                 # compares the param with the rounded copy and keeps the copy only if they agree.
                 entry.version = -1
         self._touched = [bool(t) for t in ours["touched"]]
+        self._fresh.clear()
+        self._sumsq_stale = False
+        self._hook_scale = None
         self._micro_step = int(ours["micro_step"])
         self._weight_sum = float(ours["weight_sum"])
         self._weighted = ours["weighted"]
@@ -562,6 +647,14 @@ class GradAccumulator(torch.optim.Optimizer):
                 "change once per window, not per micro-batch. Pass the scaler to the wrapper, "
                 "GradAccumulator(opt, N, scaler=scaler), and call scaler.scale(loss).backward(); acc.step() on "
                 "every micro-batch; the wrapper unscales in its fused pass and calls scaler.update() per window"
+            )
+
+    def _refuse_uncounted_backward(self, what: str) -> None:
+        if self._fresh:
+            raise RuntimeError(
+                f"fusedaccum: {what} was called after backward() but before acc.step(): with "
+                "accumulate_in_backward=True that micro-batch's gradient is already in the masters but not yet "
+                "counted as a micro-step. Call acc.step() first (nothing was changed)"
             )
 
     def _check_scaler_ready(self) -> None:
@@ -609,16 +702,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                if grad.layout != torch.strided or grad.is_sparse:
-                    raise ValueError(
-                        f"fusedaccum: a parameter of shape {tuple(p.shape)} has a sparse ({grad.layout}) gradient; "
-                        "GradAccumulator accumulates dense gradients only (e.g. nn.Embedding(sparse=False))"
-                    )
-                if p.dtype not in _FLOAT_DTYPES or grad.dtype not in _FLOAT_DTYPES:
-                    raise TypeError(
-                        f"fusedaccum: a parameter is {p.dtype} with a {grad.dtype} gradient; GradAccumulator "
-                        f"supports {', '.join(str(d) for d in _FLOAT_DTYPES)} (float32 masters)"
-                    )
+                _check_grad(p, grad)
                 found.append((p, grad))
         self._sync_layout()
         out = []
@@ -641,8 +725,9 @@ class GradAccumulator(torch.optim.Optimizer):
             "call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was changed)"
         )
 
-    def _post_scale(self) -> float:
-        return 1.0 / self._weight_sum if self._reduction == "mean" else 1.0
+    def _post_scale(self, pending: float = 0.0) -> float:
+        # pending: the current micro-step's weight when it is not yet in _weight_sum (the hooks run before step()).
+        return 1.0 / (self._weight_sum + pending) if self._reduction == "mean" else 1.0
 
     def _micro_scale(self, w: float) -> float | torch.Tensor:
         scaler = self._scaler
@@ -907,6 +992,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._weight_sum = 0.0
         self._weighted = None
         self._touched = [False] * len(self._entries)
+        self._fresh.clear()
+        self._sumsq_stale = False
         for flag in self._found_inf.values():
             flag.zero_()
 
@@ -978,6 +1065,80 @@ class GradAccumulator(torch.optim.Optimizer):
                 self._found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
                 self._sumsq[device] = torch.zeros(1, dtype=torch.float32, device=device)
         self._signature = signature
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        """accumulate_in_backward: one post-accumulate-grad hook on every trainable leaf param of the layout.
+
+        Re-registered from scratch on every layout change (a param left the layout must not keep feeding a master
+        that no longer exists). The hook holds the wrapper weakly: a dropped wrapper neither stays alive through
+        the model's params nor keeps eating their grads."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        if not self._in_backward:
+            return
+        ref = weakref.ref(self)
+
+        def hook(param: torch.Tensor) -> None:
+            acc = ref()
+            if acc is not None:
+                acc._on_grad_accumulated(param)
+
+        for e in self._entries:
+            # Non-leaf params cannot take this hook; their .grad is consumed by step() instead.
+            if e.param.requires_grad and e.param.is_leaf:
+                self._hook_handles.append(e.param.register_post_accumulate_grad_hook(hook))
+
+    def _on_grad_accumulated(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        entry = self._by_param.get(id(param))
+        if grad is None or entry is None or entry.param is not param:
+            return
+        _check_grad(param, grad)
+        self._accumulate_in_hook_(entry, grad if grad.is_contiguous() else grad.contiguous())
+
+    def _accumulate_in_hook_(self, entry: _Entry, grad: torch.Tensor) -> None:
+        """Add one param's grad into its master now (accumulate_in_backward), with the default mode's maths, and
+        free the grad."""
+        device = entry.key[0]
+        index = self._entry_index(entry)
+        key = id(entry.param)
+        # Known before backward: the window's last micro-step is the one step() will count as the last.
+        last = self._micro_step + 1 == self._accumulation_steps
+        scale = self._hooked_micro_scale()
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(device, non_blocking=True)
+        if last and not self._fresh:
+            self._zero_sumsq()  # the first grad of the last micro-step starts the window's norm²
+        common = dict(zero_grads=False, found_inf=self._found_inf[device], backend=self._backend)
+        if last and key in self._fresh:
+            # A second grad for this param in the last micro-step (two backwards before one step(); in the default
+            # mode they would have summed in .grad): its master is already final, m = (M + g1 s) / W, so add
+            # g2 s / W. Its sumsq term is now stale: step() recounts sumsq.
+            ops.accumulate_([entry.view], [grad], scale * self._post_scale(1.0), **common)
+            self._sumsq_stale = True
+        else:
+            ops.accumulate_(
+                [entry.view], [grad], scale, overwrite=not self._touched[index],
+                post_scale=self._post_scale(1.0) if last else 1.0, sumsq=self._sumsq[device] if last else None,
+                **common,
+            )
+        self._touched[index] = True
+        self._fresh.add(key)
+        entry.param.grad = None  # freed now: at most one param's low-precision grad is alive during backward
+
+    def _hooked_micro_scale(self) -> float | torch.Tensor:
+        # The loss scale is read once per micro-step (at its first hook), on the device: no host sync.
+        if self._hook_scale is None:
+            scaler = self._scaler
+            if scaler is not None and scaler.is_enabled() and scaler._scale is None:
+                raise RuntimeError(
+                    "fusedaccum: a gradient arrived but the GradScaler has no scale yet: call "
+                    "scaler.scale(loss).backward(), not loss.backward()"
+                )
+            self._hook_scale = self._micro_scale(1.0)
+        return self._hook_scale
 
     def _layout_signature(self, trainable: list[tuple[int, torch.Tensor]]) -> tuple[int, ...]:
         return tuple(id(p) for _, p in trainable) + tuple(len(g["params"]) for g in self._inner.param_groups)
@@ -1002,6 +1163,19 @@ class GradAccumulator(torch.optim.Optimizer):
             "params": [[e.position, list(e.param.shape), str(e.param.dtype)] for e in self._entries],
             "buffers": [[str(key[1]), buffer.numel()] for key, buffer in self._buffers.items()],
         }
+
+
+def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.layout != torch.strided or grad.is_sparse:
+        raise ValueError(
+            f"fusedaccum: a parameter of shape {tuple(p.shape)} has a sparse ({grad.layout}) gradient; "
+            "GradAccumulator accumulates dense gradients only (e.g. nn.Embedding(sparse=False))"
+        )
+    if p.dtype not in _FLOAT_DTYPES or grad.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"fusedaccum: a parameter is {p.dtype} with a {grad.dtype} gradient; GradAccumulator "
+            f"supports {', '.join(str(d) for d in _FLOAT_DTYPES)} (float32 masters)"
+        )
 
 
 def _first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:

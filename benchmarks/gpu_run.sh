@@ -25,6 +25,15 @@ export FUSEDACCUM_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || echo "warning: nvidia-smi failed (see $LOGS/nvidia-smi.txt)"
 
+# Nothing can be installed there: say up front which of the Python packages the build, tests and benchmarks
+# import are missing, rather than failing halfway.
+"$PYTHON" - <<'PY'
+import importlib.util
+needed = ["torch", "triton", "numpy", "tqdm", "matplotlib", "pytest", "hypothesis", "setuptools", "ninja"]
+missing = [name for name in needed if importlib.util.find_spec(name) is None]
+print("preflight: all packages present" if not missing else f"preflight: MISSING {', '.join(missing)}")
+PY
+
 echo "== build (log: $LOGS/build.log)"
 if ! timeout "$BUILD_S" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
         > "$LOGS/build.log" 2>&1; then

@@ -8,6 +8,8 @@ Each rank trains on its own shard; the update is the large batch's token mean ov
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -18,7 +20,11 @@ import fusedaccum
 def main() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else None
+    device = None
+    if torch.cuda.is_available():
+        # torchrun's LOCAL_RANK is this process's GPU on its node (the global rank is not, on several nodes).
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     torch.manual_seed(0)  # DDP broadcasts rank 0's weights anyway; the seed only makes runs repeatable
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1)).to(device)
     model = torch.nn.parallel.DistributedDataParallel(model)

@@ -250,6 +250,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._sumsq: dict[torch.device, torch.Tensor] = {}
         self._sync_layout(force=True)
         if ddp_module is not None:
+            _check_ddp_params_covered(ddp_module, self._inner)
             # no_sync() for good: DDP's forward then skips the reducer (no per-backward all-reduce, no
             # unused-parameter or buffer collectives) and .grad holds this rank's own gradient.
             ddp_module.require_backward_grad_sync = False
@@ -485,7 +486,7 @@ class GradAccumulator(torch.optim.Optimizer):
 
         Costs one extra pass over the window's masters (the last micro-step did not know it was the last).
         Distributed: every rank must call it together (ranks with an empty window too); the update uses the
-        global weight sum, and nothing happens if every rank's window is empty.
+        global weight sum, and no update is applied if every rank's window is empty (the reduction still runs).
 
         Returns:
             Whether an update was applied (False if the window was empty or skipped for non-finite gradients).
@@ -1201,6 +1202,12 @@ def _resolve_process_group(process_group: Any, ddp_module: torch.nn.Module | Non
                 "fusedaccum: ddp_module must be a torch.nn.parallel.DistributedDataParallel, got "
                 f"{type(ddp_module).__name__}.{hint}"
             )
+        if getattr(ddp_module, "static_graph", False):
+            raise ValueError(
+                "fusedaccum: DistributedDataParallel(static_graph=True) needs DDP's own reduction on its first "
+                "iteration, which the wrapper switches off (DDP fails with an internal assert); build DDP without "
+                "static_graph"
+            )
         if process_group is None:
             return True, ddp_module.process_group
     if process_group is None:
@@ -1228,6 +1235,24 @@ def _resolve_process_group(process_group: Any, ddp_module: torch.nn.Module | Non
             "over the group DDP replicates the model on (leave process_group out to use it)"
         )
     return True, group
+
+
+def _check_ddp_params_covered(ddp_module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The wrapper switches DDP's reduction off for the whole module and reduces only its optimizer's params: a
+    trainable DDP param outside that optimizer (a second optimizer's head, say) would never be reduced and the
+    replicas would silently diverge. Refuse that setup."""
+    ignored = set(getattr(ddp_module, "parameters_to_ignore", ()))
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in ddp_module.module.named_parameters()
+               if p.requires_grad and id(p) not in owned and name not in ignored]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"fusedaccum: {len(missing)} trainable parameter(s) of the DDP module are not in the wrapped optimizer "
+            f"({shown}); the wrapper turns DDP's reduction off for the whole module, so they would never be "
+            "averaged across ranks. Put every trainable parameter in the wrapped optimizer (one optimizer with "
+            "several param groups), or mark them in DDP's parameters_to_ignore"
+        )
 
 
 def _dtensor_type() -> type:

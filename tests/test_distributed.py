@@ -322,3 +322,20 @@ def test_refuses_dtensor_params(tmp_path) -> None:
             fusedaccum.GradAccumulator(torch.optim.SGD([param], lr=0.1), 2, process_group="default")
     finally:
         dist.destroy_process_group()
+
+
+def test_refuses_ddp_setups_that_would_diverge(tmp_path) -> None:
+    """A DDP param outside the wrapped optimizer would never be reduced (replicas diverge); static_graph needs
+    DDP's own first reduction. Both are refused at construction, before DDP is touched."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        head_only = torch.optim.SGD(model.module[0].parameters(), lr=0.1)
+        with pytest.raises(ValueError, match=r"2 trainable parameter\(s\) of the DDP module are not in the wrapped"):
+            fusedaccum.GradAccumulator(head_only, 2, ddp_module=model)
+        assert model.require_backward_grad_sync, "a refused wrapper must leave DDP as it was"
+        static = torch.nn.parallel.DistributedDataParallel(_model(), static_graph=True)
+        with pytest.raises(ValueError, match="static_graph"):
+            fusedaccum.GradAccumulator(_sgd(static.module), 2, ddp_module=static)
+    finally:
+        dist.destroy_process_group()

@@ -305,7 +305,8 @@ def run(p: Plan, device: torch.device, copy_GBps: float, deadline: float | None 
         moved = variant["bytes_per_element"] * w.numel
         results.append({
             **case, "numel": w.numel, "tensors": len(w.shapes), "copies": copies,
-            "median_s": timing["median_s"], "samples": timing["samples"], "warmup_s": warmup_s,
+            "median_s": timing["median_s"], "min_s": timing["min_s"], "iqr_s": timing["iqr_s"],
+            "samples": timing["samples"], "warmup_s": warmup_s,
             "bytes": moved, "bytes_per_element": variant["bytes_per_element"],
             "GBps": moved / timing["median_s"] / 1e9,
             "pct_copy_bw": 100.0 * moved / timing["median_s"] / 1e9 / copy_GBps,

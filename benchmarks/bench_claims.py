@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import fusedaccum
 
+from . import common
 from .bench_end_to_end import TinyGPT
 
 # lr 1e-3 rather than the end-to-end section's 1e-4: a bf16 weight of magnitude ~0.1 has a unit in the last
@@ -109,16 +110,7 @@ def train(method: str, dtype: torch.dtype, n: int, init: dict[str, torch.Tensor]
         else:
             for i in range(n):
                 (_loss(model, batch[i * b : (i + 1) * b]) / n).backward()
-        if grad_dtype:
-            for p in params:
-                grad, p.grad = p.grad, None
-                p.grad_dtype = None
-                p.grad = grad.to(p.dtype)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if grad_dtype:
-            for p in params:
-                p.grad_dtype = torch.float32
+        common.native_optimizer_step(opt, params, fp32_grads=grad_dtype)
         updates += 1
     if updates != cfg["updates"]:  # a skipped window (inf/nan) would make the comparison meaningless
         raise RuntimeError(f"{method}: {updates} updates instead of {cfg['updates']}")

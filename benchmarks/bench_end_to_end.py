@@ -37,6 +37,8 @@ from torch import nn
 
 import fusedaccum
 
+from . import common
+
 MODES = ("large-batch", "native-bf16", "native-fp32-grad_dtype", "fusedaccum")
 
 
@@ -129,16 +131,7 @@ def run_one(mode: str, n: int, device: torch.device, cfg: dict[str, int]) -> dic
             else:
                 (loss / micro_batches).backward()
         if acc is None:
-            if mode == "native-fp32-grad_dtype":
-                for p in params:
-                    grad, p.grad = p.grad, None
-                    p.grad_dtype = None
-                    p.grad = grad.to(p.dtype)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if mode == "native-fp32-grad_dtype":
-                for p in params:
-                    p.grad_dtype = torch.float32
+            common.native_optimizer_step(opt, params, fp32_grads=mode == "native-fp32-grad_dtype")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if update:

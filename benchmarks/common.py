@@ -89,6 +89,23 @@ class Rotating:
         self.fn(*args)
 
 
+# ------------------------------------------------------------------------------------- native loops
+def native_optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], fp32_grads: bool) -> None:
+    """``opt.step()`` and ``zero_grad`` for a native accumulation loop. With autograd's fp32 accumulation
+    (``Tensor.grad_dtype = float32``) the grads are cast to the params' dtype first (AdamW refuses fp32 grads on
+    bf16 params), and fp32 accumulation is re-armed for the next window."""
+    if fp32_grads:
+        for p in params:
+            grad, p.grad = p.grad, None
+            p.grad_dtype = None
+            p.grad = grad.to(p.dtype)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if fp32_grads:
+        for p in params:
+            p.grad_dtype = torch.float32
+
+
 # --------------------------------------------------------------------------------------------- timers
 def time_call(fn: Callable[[], Any], device: torch.device, min_run_time: float) -> dict[str, Any]:
     """Median seconds per call of ``fn`` (already warmed up by the caller) and the samples behind it."""

@@ -476,3 +476,40 @@ def test_info_reports_versions_and_backends():
     for expected_text in (f"fusedaccum {fusedaccum.__version__}", f"torch      {torch.__version__}",
                           "backends for cpu tensors", "reference: available"):
         assert expected_text in result.stdout
+
+
+TRITON_COMPILE_CHECK = """
+import itertools, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fusedaccum.tritonkernels import accumulate as kernels
+signature = {"table_ptr": "*i64", "num_tensors": "i32", "scale_ptr": "*fp32", "scale": "fp32",
+             "post_scale_ptr": "*fp32", "post_scale": "fp32", "found_inf_ptr": "*fp32", "sumsq_ptr": "*fp32",
+             "partials_ptr": "*fp32"}
+flag_names = ["HAS_SCALE_PTR", "HAS_POST_SCALE_PTR", "OVERWRITE", "ZERO_GRADS", "HAS_FOUND_INF", "HAS_SUMSQ"]
+for flags in itertools.product([False, True], repeat=len(flag_names)):
+    constexprs = dict(zip(flag_names, flags), CHUNK=kernels.CHUNK, BLOCK=kernels.BLOCK)
+    full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    names = list(full)
+    source = ASTSource(fn=kernels._accumulate_kernel, signature=full,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert ".entry" in compiled.asm["ptx"], flags
+print("compiled", 2 ** len(flag_names))
+"""
+
+
+def test_triton_kernel_compiles_for_a_gpu_without_one():
+    """The interpreter runs the kernel's Python, not Triton's compiler: compile it for sm_90 here (no GPU needed;
+    triton ships ptxas), for every combination of its compile-time flags, so a compiled-mode-only error (types of
+    loop-carried values, pointer casts) fails on every machine. In a subprocess: this one runs the interpreter."""
+    module, reason = backends.triton_kernels()
+    if module is None:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", TRITON_COMPILE_CHECK], capture_output=True, text=True,
+                            timeout=600, env=env)
+    if result.returncode != 0 and "GPUTarget" in result.stderr and "ImportError" in result.stderr:
+        pytest.skip("this triton has no triton.backends.compiler.GPUTarget")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "compiled 64"

@@ -117,9 +117,10 @@ def _accumulate_kernel(
         done = tl.atomic_add(counter, 1, sem="acq_rel")
         if done == num_programs - 1:
             total = tl.zeros([BLOCK], dtype=tl.float64)
-            for offset in range(0, num_programs, BLOCK):
-                offsets = offset + tl.arange(0, BLOCK)
-                total += tl.load(partials_ptr + offsets, mask=offsets < num_programs, other=0.0, volatile=True).to(
+            # Own loop variables: reusing the element loop's (int64) names for these int32 ones fails to compile.
+            for first in range(0, num_programs, BLOCK):
+                programs = first + tl.arange(0, BLOCK)
+                total += tl.load(partials_ptr + programs, mask=programs < num_programs, other=0.0, volatile=True).to(
                     tl.float64
                 )
             previous = tl.load(sumsq_ptr).to(tl.float64)

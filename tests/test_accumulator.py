@@ -656,8 +656,13 @@ def test_master_buffers_layout():
     assert [id(p) for b in buffers for p in b.params] == [id(p) for p in model.parameters()]
     for b in buffers:
         assert b.buffer.dim() == 1 and b.buffer.is_contiguous()
-        assert list(b.offsets) == [sum(p.numel() for p in b.params[:i]) for i in range(len(b.params))]
-        assert b.buffer.numel() == sum(p.numel() for p in b.params)
+        # Views in order, each at the next 16-byte boundary (4 float32s) after the previous one.
+        expected, end = [], 0
+        for p in b.params:
+            expected.append(-(-end // 4) * 4)
+            end = expected[-1] + p.numel()
+        assert list(b.offsets) == expected and b.buffer.numel() == end
+        assert all(b.buffer[off:].data_ptr() % 16 == 0 for off in b.offsets)
     x = torch.randn(B, D_IN)
     model[2](model[1](model[0](x)).to(torch.bfloat16)).float().sum().backward()
     grads = {id(p): p.grad.float().clone() for p in model.parameters()}

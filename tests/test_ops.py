@@ -486,7 +486,8 @@ from fusedaccum.tritonkernels import accumulate as kernels
 signature = {"table_ptr": "*i64", "num_tensors": "i32", "scale_ptr": "*fp32", "scale": "fp32",
              "post_scale_ptr": "*fp32", "post_scale": "fp32", "found_inf_ptr": "*fp32", "sumsq_ptr": "*fp32",
              "partials_ptr": "*fp32"}
-flag_names = ["HAS_SCALE_PTR", "HAS_POST_SCALE_PTR", "OVERWRITE", "ZERO_GRADS", "HAS_FOUND_INF", "HAS_SUMSQ"]
+flag_names = ["HAS_SCALE_PTR", "HAS_POST_SCALE_PTR", "OVERWRITE", "ZERO_GRADS", "HAS_FOUND_INF", "HAS_SUMSQ",
+              "ALIGNED"]
 for flags in itertools.product([False, True], repeat=len(flag_names)):
     constexprs = dict(zip(flag_names, flags), CHUNK=kernels.CHUNK, BLOCK=kernels.BLOCK)
     full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
@@ -494,7 +495,10 @@ for flags in itertools.product([False, True], repeat=len(flag_names)):
     source = ASTSource(fn=kernels._accumulate_kernel, signature=full,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    assert ".entry" in compiled.asm["ptx"], flags
+    ptx = compiled.asm["ptx"]
+    assert ".entry" in ptx, flags
+    if dict(zip(flag_names, flags))["ALIGNED"]:
+        assert "ld.global.v4" in ptx and "st.global.v4" in ptx, ("no 16-byte access when aligned", flags)
 print("compiled", 2 ** len(flag_names))
 """
 
@@ -512,4 +516,4 @@ def test_triton_kernel_compiles_for_a_gpu_without_one():
     if result.returncode != 0 and "GPUTarget" in result.stderr and "ImportError" in result.stderr:
         pytest.skip("this triton has no triton.backends.compiler.GPUTarget")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "compiled 64"
+    assert result.stdout.strip() == "compiled 128"

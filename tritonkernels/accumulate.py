@@ -26,15 +26,41 @@ GRAD_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
-def _load_grad(grad_addr, offsets, mask, GRAD_DTYPE: tl.constexpr):
-    ptr = grad_addr.to(tl.pointer_type(GRAD_DTYPE)) + offsets
-    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+def _grad_pointer(grad_addr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = grad_addr.to(tl.pointer_type(GRAD_DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
-def _zero_grad(grad_addr, offsets, mask, GRAD_DTYPE: tl.constexpr):
-    ptr = grad_addr.to(tl.pointer_type(GRAD_DTYPE)) + offsets
-    tl.store(ptr, tl.zeros(offsets.shape, GRAD_DTYPE), mask=mask)
+def _accumulate_block(master, grad_base, grad_dtype, offsets, mask, s, ps, sumsq, nonfinite,
+                      OVERWRITE: tl.constexpr, ZERO_GRADS: tl.constexpr, ALIGNED: tl.constexpr):
+    """One BLOCK of elements: the per-element maths of csrc/accumulate_math.h. Returns (sumsq, nonfinite)."""
+    if grad_dtype == 1:
+        g = tl.load(_grad_pointer(grad_base, tl.bfloat16, ALIGNED) + offsets, mask=mask, other=0.0).to(tl.float32)
+    elif grad_dtype == 2:
+        g = tl.load(_grad_pointer(grad_base, tl.float16, ALIGNED) + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(_grad_pointer(grad_base, tl.float32, ALIGNED) + offsets, mask=mask, other=0.0)
+    nonfinite = nonfinite | (tl.abs(g) > 3.4028234663852886e38).to(tl.int32) | (g != g).to(tl.int32)
+    if OVERWRITE:
+        m = g * s
+    else:
+        m = tl.fma(g, s, tl.load(master + offsets, mask=mask, other=0.0))
+    m = m * ps
+    tl.store(master + offsets, m, mask=mask)
+    sumsq += tl.where(mask, m * m, 0.0)
+    if ZERO_GRADS:
+        if grad_dtype == 1:
+            tl.store(_grad_pointer(grad_base, tl.bfloat16, ALIGNED) + offsets, tl.zeros_like(g).to(tl.bfloat16),
+                     mask=mask)
+        elif grad_dtype == 2:
+            tl.store(_grad_pointer(grad_base, tl.float16, ALIGNED) + offsets, tl.zeros_like(g).to(tl.float16),
+                     mask=mask)
+        else:
+            tl.store(_grad_pointer(grad_base, tl.float32, ALIGNED) + offsets, tl.zeros_like(g), mask=mask)
+    return sumsq, nonfinite
 
 
 @triton.jit
@@ -54,6 +80,7 @@ def _accumulate_kernel(
     ZERO_GRADS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_SUMSQ: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -79,33 +106,26 @@ def _accumulate_kernel(
     start = chunk * CHUNK
     n = tl.minimum(numel - start, CHUNK)
     master = master_addr.to(tl.pointer_type(tl.float32)) + start
+    if ALIGNED:
+        # Every master and grad starts on a 16-byte boundary (the launcher checked) and chunks start at multiples
+        # of CHUNK elements: telling the compiler lets it emit 16-byte vector loads and stores.
+        master = tl.multiple_of(master, 16)
     grad_base = grad_addr + start * tl.where(grad_dtype == 0, 4, 2)
     sumsq = tl.zeros([BLOCK], dtype=tl.float32)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
-    for offset in range(0, n, BLOCK):
+    # Whole blocks first, with a mask the compiler can prove all-true (offsets < CHUNK): with the alignment hints
+    # that lets it emit 16-byte loads and stores, which a data-dependent mask (offsets < n) prevents. Then the tail.
+    full = n // BLOCK * BLOCK
+    for offset in range(0, full, BLOCK):
         offsets = offset + tl.arange(0, BLOCK)
-        mask = offsets < n
-        if grad_dtype == 1:
-            g = _load_grad(grad_base, offsets, mask, tl.bfloat16)
-        elif grad_dtype == 2:
-            g = _load_grad(grad_base, offsets, mask, tl.float16)
-        else:
-            g = _load_grad(grad_base, offsets, mask, tl.float32)
-        nonfinite = nonfinite | (tl.abs(g) > 3.4028234663852886e38).to(tl.int32) | (g != g).to(tl.int32)
-        if OVERWRITE:
-            m = g * s
-        else:
-            m = tl.fma(g, s, tl.load(master + offsets, mask=mask, other=0.0))
-        m = m * ps
-        tl.store(master + offsets, m, mask=mask)
-        sumsq += tl.where(mask, m * m, 0.0)
-        if ZERO_GRADS:
-            if grad_dtype == 1:
-                _zero_grad(grad_base, offsets, mask, tl.bfloat16)
-            elif grad_dtype == 2:
-                _zero_grad(grad_base, offsets, mask, tl.float16)
-            else:
-                _zero_grad(grad_base, offsets, mask, tl.float32)
+        if ALIGNED:
+            offsets = tl.max_contiguous(tl.multiple_of(offsets, BLOCK), BLOCK)
+        sumsq, nonfinite = _accumulate_block(master, grad_base, grad_dtype, offsets, offsets < CHUNK, s, ps, sumsq,
+                                             nonfinite, OVERWRITE, ZERO_GRADS, ALIGNED)
+    if full < n:
+        offsets = full + tl.arange(0, BLOCK)
+        sumsq, nonfinite = _accumulate_block(master, grad_base, grad_dtype, offsets, offsets < n, s, ps, sumsq,
+                                             nonfinite, OVERWRITE, ZERO_GRADS, ALIGNED)
 
     if HAS_FOUND_INF:
         if tl.max(nonfinite, axis=0) > 0:
@@ -162,6 +182,9 @@ def accumulate_triton(
     if not any(m.numel() for m in masters):
         return
     table, num_tensors, num_programs = _launch_table(masters, grads)
+    # 16-byte vector access needs every base address 16-byte aligned (chunk starts keep it: CHUNK * 2 bytes is a
+    # multiple of 16); one misaligned tensor sends the whole launch down the scalar path.
+    aligned = all((m.data_ptr() | g.data_ptr()) % 16 == 0 for m, g in zip(masters, grads))
     device = masters[0].device
     partials = torch.empty(num_programs if sumsq is not None else 1, dtype=torch.float32, device=device)
     dummy = partials  # stands in for absent optional pointers; never read (constexpr flags)
@@ -182,6 +205,7 @@ def accumulate_triton(
             ZERO_GRADS=zero_grads,
             HAS_FOUND_INF=found_inf is not None,
             HAS_SUMSQ=sumsq is not None,
+            ALIGNED=aligned,
             CHUNK=CHUNK,
             BLOCK=BLOCK,
         )

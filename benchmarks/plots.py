@@ -39,6 +39,13 @@ def _title(data: dict[str, Any], what: str) -> str:
     return f"{what}\n{m['device_name']} · torch {m['torch']} · fusedaccum {m['fusedaccum']} · {m['date'][:10]}"
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_flat(data: dict[str, Any], path: Path) -> Path | None:
     rows = [r for r in data["accumulate"]["results"] if r["kind"] == "flat"]
     if not rows:
@@ -63,10 +70,7 @@ def plot_flat(data: dict[str, Any], path: Path) -> Path | None:
                               f"{', norm' if variant == 'last' else ''})"), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_lists(data: dict[str, Any], path: Path) -> Path | None:
@@ -97,10 +101,7 @@ def plot_lists(data: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(_title(data, "One micro-step on real parameter lists"), fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_numerics(data: dict[str, Any], path: Path) -> Path | None:
@@ -127,10 +128,7 @@ def plot_numerics(data: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(_title(data, "Gradient accumulation error as N grows"), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title=f"(exact results, error 0, plotted at {floor:.0e})", title_fontsize=8, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_all(json_path: Path) -> list[Path]:

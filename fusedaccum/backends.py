@@ -99,11 +99,9 @@ def resolve(backend: str | None, device: torch.device) -> str:
     """The backend that serves a call on ``device``: explicit > $FUSEDACCUM_BACKEND > auto."""
     requested = backend or os.environ.get(ENV_VARIABLE) or None
     if requested is None:
-        order = ("cpu", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
-        for name in order:
-            if why_unavailable(name, device) is None:
-                return name
-        requested = order[0]  # unreachable: reference always serves; kept for a clear error if not
+        order = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+        # "reference" always serves: it ends every auto order.
+        return next((name for name in order if why_unavailable(name, device) is None), "reference")
     if requested not in BACKENDS:
         source = "backend=" if backend else f"${ENV_VARIABLE}"
         raise ValueError(f"fusedaccum: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")

@@ -107,7 +107,8 @@ def _fast_check(name: str, *args) -> bool:
 
     The rules and messages live here; the pre-check only saves walking them attribute by attribute in Python,
     which costs ~2 us per tensor pair (310 us for GPT-2's 150 pairs on the 2-core AMD EPYC CI machine; the
-    compiled check: ~15 us). On "no", the Python checks below run and name the problem.
+    whole validation with the compiled check: 40 us, timed the same way). On "no", the Python checks below run
+    and name the problem.
     """
     extension, _ = backends.compiled_extension()
     return extension is not None and getattr(extension, name)(*args)

@@ -1,13 +1,16 @@
 """Distributed: bytes communicated and time per accumulation window, 2 processes, gloo on CPU (issue 5).
 
-Three loops train the same model on the same per-rank data, N micro-batches per update:
+Four loops train the same model on the same per-rank data, N micro-batches per update:
 
 * ``ddp-every-step``: plain DDP, ``(loss / N).backward()`` on every micro-step (DDP all-reduces every backward),
   ``opt.step()`` every N: the naive loop (PITFALLS row 5);
 * ``ddp-no_sync``: the usual manual fix, the non-final micro-steps' backward under ``model.no_sync()``: DDP
   all-reduces the accumulated ``.grad`` once per window;
 * ``fusedaccum``: ``GradAccumulator(opt, N, ddp_module=model)``: DDP reduces nothing, the wrapper all-reduces its
-  fp32 master buffer (in buckets) plus a small float64 metadata tensor once per window.
+  fp32 master buffer (in buckets) plus a small float64 metadata tensor once per window, after the last backward;
+* ``fusedaccum-in_backward``: the same with ``accumulate_in_backward=True``: grads go into the masters from
+  autograd hooks, and the last backward's hooks issue each bucket's all-reduce as soon as its params are final
+  (the first bucket at most 1 MiB, as DDP's), overlapping the reduction with the rest of the backward as DDP does.
 
 Bytes: the payload of every all-reduce issued during one window (what each rank hands the collective; a ring
 all-reduce moves about 2 (world - 1) / world times that per rank over the wire). They are counted in a separate
@@ -42,7 +45,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import fusedaccum
 
-MODES = ("ddp-every-step", "ddp-no_sync", "fusedaccum")
+MODES = ("ddp-every-step", "ddp-no_sync", "fusedaccum", "fusedaccum-in_backward")
 WORLD = 2
 LR = 1e-2
 
@@ -51,7 +54,7 @@ def _config(tiny: bool) -> dict[str, int]:
     if tiny:
         return {"width": 64, "depth": 2, "N": 4, "rows": 4, "windows": 2, "repeats": 1}
     # ~1M parameters (4 MiB of fp32 gradient): enough that an all-reduce costs milliseconds on loopback, small
-    # enough that 3 loops x 18 windows of 8 micro-steps fit the default run's budget on 2 cores.
+    # enough that 4 loops x 18 windows of 8 micro-steps fit the default run's budget on 2 cores.
     return {"width": 512, "depth": 4, "N": 8, "rows": 16, "windows": 3, "repeats": 5}
 
 
@@ -94,7 +97,10 @@ class _Loop:
             # The stock all-reduce hook: DDP's own maths, issued through dist.all_reduce so the counter sees it.
             self.ddp.register_comm_hook(None, default_hooks.allreduce_hook)
         self.opt = torch.optim.SGD(self.ddp.parameters(), lr=LR)
-        self.acc = fusedaccum.GradAccumulator(self.opt, self.n, ddp_module=self.ddp) if mode == "fusedaccum" else None
+        self.acc = None
+        if mode.startswith("fusedaccum"):
+            self.acc = fusedaccum.GradAccumulator(self.opt, self.n, ddp_module=self.ddp,
+                                                  accumulate_in_backward=mode == "fusedaccum-in_backward")
 
     def window(self, xs: torch.Tensor, ys: torch.Tensor) -> None:
         for i in range(self.n):
@@ -193,10 +199,10 @@ def summary_table(section: dict[str, Any]) -> str:
     lines = [f"{section['world']} processes, {section['backend']} on CPU, {section['params']:,} params "
              f"({section['grad_bytes'] / 2**20:.2f} MiB fp32 grads), N = {cfg['N']} micro-batches of "
              f"{cfg['rows']} rows; bytes = all-reduce payload per rank",
-             f"{'mode':<16} {'all-reduces':>11} {'MiB/window':>11} {'ms/window':>10} {'speedup':>8} "
+             f"{'mode':<22} {'all-reduces':>11} {'MiB/window':>11} {'ms/window':>10} {'speedup':>8} "
              f"{'update diff':>12}"]
     for r in section["rows"]:
-        lines.append(f"{r['mode']:<16} {r['all_reduces_per_window']:>11} {r['bytes_per_window'] / 2**20:>11.3f} "
+        lines.append(f"{r['mode']:<22} {r['all_reduces_per_window']:>11} {r['bytes_per_window'] / 2**20:>11.3f} "
                      f"{r['s_per_window'] * 1e3:>10.1f} {r['speedup_vs_every_step']:>7.2f}x "
                      f"{r['update_rel_diff_vs_no_sync']:>12.1e}")
     return "\n".join(lines)

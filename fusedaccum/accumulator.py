@@ -41,6 +41,10 @@ _ZERO_CHUNK_ELEMENTS = 1 << 22
 # Default all-reduce bucket size, DDP's default: large enough that per-collective latency is amortised, small enough
 # that several buckets of a large model are in flight at once.
 DEFAULT_BUCKET_CAP_MB = 25.0
+# With accumulate_in_backward, the first bucket issued (the end of the buffer: the params backward finishes first)
+# is at most 1 MiB, as DDP's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES): the reduction then
+# starts after the first layers of the last backward instead of after a whole 25 MiB of them.
+_FIRST_BUCKET_ELEMENTS = 2**20 // 4
 
 GroupKey = tuple[torch.device, torch.dtype]
 _VIEW_ALIGNMENT_ELEMENTS = 4  # float32 elements per 16 bytes: see _aligned
@@ -119,7 +123,7 @@ class GradAccumulator(torch.optim.Optimizer):
         bucket_cap_mb: distributed only: the master buffers are all-reduced in contiguous slices of at most this
             many MiB (default 25, as DDP), all issued asynchronously before any is waited on, so the backend can
             work on several at once. Results do not depend on it beyond float rounding of the sums.
-        accumulate_in_backward: single process only. Add each parameter's gradient into its master the moment
+        accumulate_in_backward: add each parameter's gradient into its master the moment
             autograd finishes it (a ``register_post_accumulate_grad_hook`` per trainable param) and set its
             ``.grad`` to None right there, so at most one parameter's bf16/fp16 gradient is alive at a time: peak
             gradient memory is the 4 B/param masters instead of masters + the model's gradients (6 B/param for
@@ -129,8 +133,12 @@ class GradAccumulator(torch.optim.Optimizer):
             the micro-step and applies the update when due. Because the window's last micro-step scales by 1/W
             inside backward, a weight must be known before backward: ``step(weight=...)`` is refused in this mode
             (use the default mode for weighted windows). Several backwards before one ``step()`` form one
-            micro-step, as in the default mode. Not with ``process_group``/``ddp_module`` yet (overlapping the
-            reduction with the last backward is the next step).
+            micro-step, as in the default mode. With ``process_group``/``ddp_module`` it also overlaps the
+            window's reduction with its last backward, as DDP does: each bucket's all-reduce is issued from the
+            hooks as soon as every parameter in it has its final sum (the first bucket, the end of the buffer,
+            at most 1 MiB); the masters and the update are the default distributed mode's, bit for bit (unless a
+            second backward in the last micro-step adds to a bucket already issued: that grad is all-reduced
+            separately at ``step()``, which rounds the sum differently).
 
     Raises:
         TypeError / ValueError: bad arguments; nothing is created.
@@ -193,12 +201,6 @@ class GradAccumulator(torch.optim.Optimizer):
         if not isinstance(accumulate_in_backward, bool):
             raise TypeError(f"fusedaccum: accumulate_in_backward must be a bool, got {accumulate_in_backward!r}")
 
-        if accumulate_in_backward and (process_group is not None or ddp_module is not None):
-            raise ValueError(
-                "fusedaccum: accumulate_in_backward=True is single-process only for now; with process_group/"
-                "ddp_module use the default mode (overlapping the reduction with the last backward is the next step)"
-            )
-
         distributed, group = _resolve_process_group(process_group, ddp_module)
 
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
@@ -239,6 +241,18 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh: set[int] = set()
         self._sumsq_stale = False
         self._hook_scale: float | torch.Tensor | None = None
+        # Distributed: the window's all-reduce buckets (_plan_buckets), the asynchronous collectives in flight and
+        # how many buckets were issued. With accumulate_in_backward, the hooks of the window's last micro-step issue
+        # each bucket as soon as every param it overlaps has its final sum (_bucket_waiting counts those still
+        # missing), in plan order on every rank; a grad that arrives for an issued bucket goes to _late (by entry
+        # index) and is reduced after the others.
+        self._bucket_plan: list[tuple[GroupKey, int, int]] = []
+        self._bucket_params: list[int] = []
+        self._entry_buckets: list[list[int]] = []
+        self._bucket_waiting: list[int] = []
+        self._issued: list[Any] = []
+        self._next_bucket = 0
+        self._late: dict[int, torch.Tensor] = {}
 
         # Layout (built from the param_groups; rebuilt when they change).
         self._signature: tuple[int, ...] = ()
@@ -338,6 +352,7 @@ class GradAccumulator(torch.optim.Optimizer):
         # Hook handles point at the original params; a copy registers its own on its params (__setstate__).
         state["_hook_handles"] = []
         state["_hook_scale"] = None
+        state["_issued"] = []  # collectives in flight belong to the original's buffers
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -463,7 +478,7 @@ class GradAccumulator(torch.optim.Optimizer):
         # take the hooks' path: per param, so one already final in this last micro-step is handled too.
         for entry, grad in grads:
             self._accumulate_in_hook_(entry, grad)
-        if last:
+        if last and not self._distributed:  # distributed: the 1/W and the norm come after the reduction
             post_scale = self._post_scale(1.0)
             if not self._fresh:
                 self._zero_sumsq()  # no grad at all this micro-step: sumsq still holds the previous window's norm²
@@ -479,7 +494,9 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh.clear()
         self._sumsq_stale = False
         self._hook_scale = None  # the scaler may be updated (end of window) or reloaded before the next backward
-        result = self._finish_window() if last else None
+        result = None
+        if last:
+            result = self._reduce_and_finish() if self._distributed else self._finish_window()
         return loss if has_closure else result
 
     def flush(self) -> bool:
@@ -570,6 +587,7 @@ class GradAccumulator(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._refuse_in_flight("load_state_dict() was called")
         inner_state = dict(state_dict)
         ours = inner_state.pop(_STATE_KEY, None)
         self._sync_layout()
@@ -657,6 +675,14 @@ class GradAccumulator(torch.optim.Optimizer):
                 f"fusedaccum: {what} was called after backward() but before acc.step(): with "
                 "accumulate_in_backward=True that micro-batch's gradient is already in the masters but not yet "
                 "counted as a micro-step. Call acc.step() first (nothing was changed)"
+            )
+
+    def _refuse_in_flight(self, what: str) -> None:
+        if self._issued:
+            raise RuntimeError(
+                f"fusedaccum: {what} during a window's last micro-step, after the last backward had started the "
+                "all-reduce of the master buffers (accumulate_in_backward with process_group/ddp_module); call "
+                "acc.step() first (nothing was changed)"
             )
 
     def _check_scaler_ready(self) -> None:
@@ -851,32 +877,40 @@ class GradAccumulator(torch.optim.Optimizer):
         for e, touched in zip(entries, self._touched):
             if not touched:
                 # Its region may hold an earlier window's values (a first grad overwrites rather than adds); they
-                # must not enter the sum when another rank did get a gradient for this param.
+                # must not enter the sum when another rank did get a gradient for this param. (Never part of a
+                # bucket already issued: those hold only params that got their final grad.)
                 e.view.zero_()
         found = self._combined(self._found_inf)
         device = found.device
         # One small float64 SUM all-reduce carries everything the ranks must agree on (float64: token-count
         # weight sums stay exact to 2**53). Flags are 0/1 per rank, so "sum > 0" is the MAX (any rank) decision.
-        meta = torch.zeros(4 + len(entries), dtype=torch.float64, device=device)
+        n = len(entries)
+        meta = torch.zeros(4 + n * (2 if self._in_backward else 1), dtype=torch.float64, device=device)
         meta[0] = found[0]
         meta[1] = self._weight_sum
         if self._micro_step:
             meta[2 if self._weighted else 3] = 1.0
-        if entries:
-            meta[4:] = torch.tensor(self._touched, dtype=torch.float64).to(device)
+        flags = [float(t) for t in self._touched]
+        if self._in_backward:  # which params got a grad after their bucket had been issued (_reduce_late)
+            flags += [float(i in self._late) for i in range(n)]
+        if flags:
+            meta[4:] = torch.tensor(flags, dtype=torch.float64).to(device)
         # Every collective is issued before any is waited on: the backend can then work on several buckets at once
         # (gloo runs them on its worker threads; nccl queues them on its stream) instead of one round trip each.
-        # This runs after the last backward, not during it: the sum to reduce is the fp32 master, which is only
-        # complete once the last micro-step's fused pass has added that backward's gradients (see
-        # docs/distributed.md, "Bucketed reduction").
-        works = [dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group, async_op=True)]
-        for bucket in self._buckets():
-            works.append(dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self._group, async_op=True))
+        # With accumulate_in_backward the last backward's hooks have issued the buckets whose params were final
+        # (see _issue_ready_buckets); this issues the rest, in the same plan order on every rank.
+        self._issue_buckets(len(self._bucket_plan))
+        works = self._issued + [dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group, async_op=True)]
+        self._issued = []
+        self._next_bucket = 0
         for work in works:
             work.wait()
         host = meta.tolist()  # host sync: skip/step and which params to hand the optimizer are host decisions
         overflow, weight_sum, n_weighted, n_unweighted = host[0] > 0, host[1], host[2], host[3]
-        self._touched = [t > 0 for t in host[4:]]
+        self._touched = [t > 0 for t in host[4 : 4 + n]]
+        late = [i for i, t in enumerate(host[4 + n :]) if t > 0]
+        if late:
+            self._reduce_late(late)
         if n_weighted and n_unweighted:
             self._reset_window()
             raise ValueError(
@@ -898,15 +932,71 @@ class GradAccumulator(torch.optim.Optimizer):
             self._scale_masters_only_([e for e, t in zip(entries, self._touched) if t], self._post_scale())
         return self._finish_window()
 
-    def _buckets(self) -> Iterator[torch.Tensor]:
-        """Contiguous slices (views) of each flat master buffer, at most ``bucket_cap_mb`` each, in buffer order.
+    def _reduce_late(self, late: list[int]) -> None:
+        """All-reduce the grads that arrived after their bucket had been issued (any rank's; ``late`` is the same
+        list on every rank) and add them to the reduced masters: one collective per device, rare (a second
+        backward in a window's last micro-step, accumulate_in_backward only)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i in late:
+            by_device.setdefault(self._entries[i].key[0], []).append(i)
+        for device, indices in by_device.items():
+            views = [self._entries[i].view for i in indices]
+            flat = torch.zeros(sum(v.numel() for v in views), dtype=torch.float32, device=device)
+            start = 0
+            for i, view in zip(indices, views):
+                if i in self._late:
+                    flat[start : start + view.numel()].copy_(self._late[i].reshape(-1))
+                start += view.numel()
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group)
+            start = 0
+            for view in views:
+                view.add_(flat[start : start + view.numel()].view(view.shape))
+                start += view.numel()
+        self._late.clear()
 
-        Buckets ignore parameter boundaries: the all-reduce is an elementwise sum, so any tiling gives each
-        element the same sum and the cap is met exactly."""
-        size = self._bucket_elements
-        for buffer in self._buffers.values():
-            for start in range(0, buffer.numel(), size):
-                yield buffer[start : start + size]
+    def _plan_buckets(self) -> None:
+        """Cut the flat master buffers into the window's all-reduce buckets (contiguous slices, at most
+        ``bucket_cap_mb`` each), in issue order: from the end of the last buffer back to the start of the first,
+        since backward finishes the last params' grads first (as DDP orders its buckets). Buckets ignore parameter
+        boundaries: the all-reduce is an elementwise sum, so any tiling gives each element the same sum and the
+        cap is met exactly. With accumulate_in_backward, also which buckets each param overlaps."""
+        plan: list[tuple[GroupKey, int, int]] = []
+        for key in reversed(list(self._buffers)):
+            stop = self._buffers[key].numel()
+            while stop > 0:
+                cap = self._bucket_elements
+                if self._in_backward and not plan:
+                    cap = min(cap, _FIRST_BUCKET_ELEMENTS)
+                plan.append((key, max(0, stop - cap), stop))
+                stop = plan[-1][1]
+        self._bucket_plan = plan
+        self._entry_buckets = [[] for _ in self._entries]
+        self._bucket_params = [0] * len(plan)
+        if not (self._in_backward and self._distributed):
+            return
+        for b, (key, start, stop) in enumerate(plan):
+            for i, e in enumerate(self._entries):
+                if e.key == key and start < e.offset + e.view.numel() and e.offset < stop:
+                    self._entry_buckets[i].append(b)
+                    self._bucket_params[b] += 1
+
+    def _issue_buckets(self, upto: int) -> None:
+        """Issue the asynchronous all-reduces of the planned buckets up to (not including) ``upto``."""
+        while self._next_bucket < upto:
+            key, start, stop = self._bucket_plan[self._next_bucket]
+            bucket = self._buffers[key][start:stop]
+            self._issued.append(dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self._group, async_op=True))
+            self._next_bucket += 1
+
+    def _issue_ready_buckets(self) -> None:
+        """accumulate_in_backward, last micro-step: issue the next buckets in plan order while every param they
+        overlap has its final sum. Strict plan order keeps the ranks' collectives matched even when their
+        backwards finish params in different orders or a param gets no grad on some rank (its bucket, and those
+        after it, then go at step())."""
+        upto = self._next_bucket
+        while upto < len(self._bucket_plan) and self._bucket_waiting[upto] == 0:
+            upto += 1
+        self._issue_buckets(upto)
 
     def _update_scaler(self, found: torch.Tensor) -> None:
         # Hand GradScaler the window's inf flag the way its own step() would record it, then let its update()
@@ -996,6 +1086,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._touched = [False] * len(self._entries)
         self._fresh.clear()
         self._sumsq_stale = False
+        self._late.clear()
         for flag in self._found_inf.values():
             flag.zero_()
 
@@ -1020,6 +1111,7 @@ class GradAccumulator(torch.optim.Optimizer):
         signature = self._layout_signature(trainable)
         if not force and signature == self._signature:
             return
+        self._refuse_in_flight("the trainable parameters changed")
         for _, p in trainable:
             if p.dtype not in _FLOAT_DTYPES:
                 raise TypeError(
@@ -1067,6 +1159,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 self._found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
                 self._sumsq[device] = torch.zeros(1, dtype=torch.float32, device=device)
         self._signature = signature
+        self._plan_buckets()
         self._register_hooks()
 
     def _register_hooks(self) -> None:
@@ -1102,33 +1195,53 @@ class GradAccumulator(torch.optim.Optimizer):
 
     def _accumulate_in_hook_(self, entry: _Entry, grad: torch.Tensor) -> None:
         """Add one param's grad into its master now (accumulate_in_backward), with the default mode's maths, and
-        free the grad."""
+        free the grad. Distributed: the masters keep raw sums (as in the default mode) and, in the window's last
+        micro-step, each bucket's all-reduce is issued as soon as its params are final."""
         device = entry.key[0]
         index = self._entry_index(entry)
         key = id(entry.param)
         # Known before backward: the window's last micro-step is the one step() will count as the last.
         last = self._micro_step + 1 == self._accumulation_steps
+        local_last = last and not self._distributed
         scale = self._hooked_micro_scale()
         if isinstance(scale, torch.Tensor):
             scale = scale.to(device, non_blocking=True)
         if last and not self._fresh:
-            self._zero_sumsq()  # the first grad of the last micro-step starts the window's norm²
+            if self._distributed:
+                # The first grad of the last backward: no bucket is issued yet; count each one's params afresh.
+                self._bucket_waiting = list(self._bucket_params)
+            else:
+                self._zero_sumsq()  # the first grad of the last micro-step starts the window's norm²
         common = dict(zero_grads=False, found_inf=self._found_inf[device], backend=self._backend)
-        if last and key in self._fresh:
-            # A second grad for this param in the last micro-step (two backwards before one step(); in the default
-            # mode they would have summed in .grad): its master is already final, m = (M + g1 s) / W, so add
-            # g2 s / W. Its sumsq term is now stale: step() recounts sumsq.
+        again = last and key in self._fresh
+        if again and self._distributed and any(b < self._next_bucket for b in self._entry_buckets[index]):
+            # A second grad for this param in the last micro-step (two backwards before one step()) after its
+            # bucket's all-reduce was issued: that region is the collective's now. Keep the grad aside; step()
+            # all-reduces such grads once more, on every rank, and adds them (_reduce_late).
+            held = self._late.get(index)
+            first = held is None
+            if first:
+                held = self._late[index] = torch.empty(entry.view.shape, dtype=torch.float32, device=device)
+            ops.accumulate_([held], [grad], scale, overwrite=first, **common)
+        elif again and not self._distributed:
+            # A second grad for this param in the last micro-step (in the default mode they would have summed in
+            # .grad): its master is already final, m = (M + g1 s) / W, so add g2 s / W. Its sumsq term is now
+            # stale: step() recounts sumsq.
             ops.accumulate_([entry.view], [grad], scale * self._post_scale(1.0), **common)
             self._sumsq_stale = True
         else:
             ops.accumulate_(
                 [entry.view], [grad], scale, overwrite=not self._touched[index],
-                post_scale=self._post_scale(1.0) if last else 1.0, sumsq=self._sumsq[device] if last else None,
-                **common,
+                post_scale=self._post_scale(1.0) if local_last else 1.0,
+                sumsq=self._sumsq[device] if local_last else None, **common,
             )
         self._touched[index] = True
         self._fresh.add(key)
         entry.param.grad = None  # freed now: at most one param's low-precision grad is alive during backward
+        if last and self._distributed and not again:
+            for b in self._entry_buckets[index]:
+                self._bucket_waiting[b] -= 1
+            self._issue_ready_buckets()
 
     def _hooked_micro_scale(self) -> float | torch.Tensor:
         # The loss scale is read once per micro-step (at its first hook), on the device: no host sync.

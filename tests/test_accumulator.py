@@ -1381,10 +1381,7 @@ def test_in_backward_refusals():
     model = make_model()
     with pytest.raises(TypeError, match="accumulate_in_backward must be a bool"):
         GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N, accumulate_in_backward=1)
-    with pytest.raises(ValueError, match="single-process only"):
-        GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N, accumulate_in_backward=True,
-                        process_group="default")
-    with pytest.raises(ValueError, match="single-process only"):
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
         GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N, accumulate_in_backward=True,
                         ddp_module=model)
     # The failed constructions registered no hook.

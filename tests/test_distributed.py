@@ -42,9 +42,11 @@ def _rel_err(ours: torch.Tensor, want: torch.Tensor) -> float:
 def _record_grads(opt: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
     """The gradients the optimizer steps with, one list per update: what accumulation computes, compared directly
     (a difference of fp32 weights before and after would mostly measure the weights' own rounding)."""
-    seen: list[list[torch.Tensor]] = []
+    seen: list[list[torch.Tensor | None]] = []
     opt.register_step_pre_hook(
-        lambda o, args, kwargs: seen.append([p.grad.detach().clone() for g in o.param_groups for p in g["params"]])
+        lambda o, args, kwargs: seen.append(
+            [None if p.grad is None else p.grad.detach().clone() for g in o.param_groups for p in g["params"]]
+        )
     )
     return seen
 
@@ -56,6 +58,9 @@ def _assert_rel_close(
     assert len(grads) == len(ref_grads), f"{what}: {len(grads)} updates, the reference made {len(ref_grads)}"
     for k, (ours, want) in enumerate(zip(grads, ref_grads)):
         for g, r in zip(ours, want):
+            assert (g is None) == (r is None), f"{what}: update {k}: a gradient is None on one side only"
+            if g is None:
+                continue
             err = _rel_err(g, r)
             assert err <= REL, f"{what}: update {k}: gradient relative error {err:.3g} > {REL}"
     for p, r in zip(model.parameters(), ref.parameters()):
@@ -72,14 +77,16 @@ def _assert_replicas_identical(model: torch.nn.Module, world: int, what: str) ->
 
 
 def _assert_buckets_tile(buckets: list[torch.Tensor], buffer: torch.Tensor, what: str) -> None:
-    """The all-reduced tensors are consecutive views of ``buffer`` that cover it exactly, each <= BUCKET long."""
+    """The all-reduced tensors are consecutive views of ``buffer`` that cover it exactly, each <= BUCKET long,
+    issued from the end of the buffer to its start (the order in which backward finishes the params)."""
     assert len(buckets) == -(-buffer.numel() // BUCKET), f"{what}: {len(buckets)} buckets for {buffer.numel()}"
-    start = buffer.data_ptr()
+    stop = buffer.data_ptr() + buffer.numel() * buffer.element_size()
     for b in buckets:
         assert b.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), f"{what}: not a view"
-        assert b.data_ptr() == start and b.is_contiguous() and b.numel() <= BUCKET, f"{what}: bucket out of place"
-        start += b.numel() * b.element_size()
-    assert start == buffer.data_ptr() + buffer.numel() * buffer.element_size(), f"{what}: buckets miss a tail"
+        end = b.data_ptr() + b.numel() * b.element_size()
+        assert end == stop and b.is_contiguous() and b.numel() <= BUCKET, f"{what}: bucket out of place"
+        stop = b.data_ptr()
+    assert stop == buffer.data_ptr(), f"{what}: the buckets miss the start of the buffer"
 
 
 class _CountAllReduce:
@@ -140,17 +147,17 @@ def _scenario_plain(rank: int, world: int) -> None:
                 if i + 1 < W:
                     assert made == [], f"window {k} micro-step {i}: {len(made)} all-reduce(s) on a non-final step"
                 else:
-                    # One small metadata tensor, then the flat master buffer exactly once, in buckets.
-                    assert made[0].dtype == torch.float64 and made[0].numel() < 16, f"window {k}: no metadata"
-                    _assert_buckets_tile(made[1:], masters[0], f"window {k}")
+                    # The flat master buffer exactly once, in buckets, then one small metadata tensor.
+                    assert made[-1].dtype == torch.float64 and made[-1].numel() < 16, f"window {k}: no metadata"
+                    _assert_buckets_tile(made[:-1], masters[0], f"window {k}")
                     # All issued back to back, then all waited on: the buckets are in flight together.
                     assert counter.events[events_before:] == ["issue"] * len(made) + ["wait"] * len(made)
             if n < W:
                 before = len(counter.calls)
                 assert acc.flush()
                 made = counter.calls[before:]
-                assert made[0].dtype == torch.float64
-                _assert_buckets_tile(made[1:], masters[0], "flush")
+                assert made[-1].dtype == torch.float64
+                _assert_buckets_tile(made[:-1], masters[0], "flush")
             assert acc.stepped == (k != nan_window)
     finally:
         dist.all_reduce = counter._real
@@ -272,6 +279,156 @@ def _scenario_ddp_checkpoint(rank: int, world: int) -> None:
     _assert_rel_close(whole.module, ref, grads, ref_grads, "ddp checkpoint (short last window)")
 
 
+class _Branchy(torch.nn.Module):
+    """The test model plus a last layer a micro-batch may skip: its params then get no grad in that backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(7, 13)
+        self.head = torch.nn.Linear(13, 5)
+        self.extra = torch.nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor, use_extra: bool = True) -> torch.Tensor:
+        h = self.head(torch.tanh(self.body(x)))
+        return self.extra(h) if use_extra else h
+
+
+def _count_before_body_grads(model: _Branchy, counter: _CountAllReduce) -> list[int]:
+    """Records len(counter.calls) each time backward reaches the body's output, i.e. after the head's and the
+    extra layer's grads are final and before the body's are computed."""
+    seen: list[int] = []
+
+    def on_forward(module: torch.nn.Module, inputs: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda grad: seen.append(len(counter.calls)))
+
+    model.body.register_forward_hook(on_forward)
+    return seen
+
+
+def _scenario_overlap_bitwise(rank: int, world: int) -> None:
+    """accumulate_in_backward under DDP: the last backward issues the buckets as their params become final (the
+    first before the backward reaches the body), step() adds only the metadata; the weights equal the default
+    distributed mode's bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    windows = [W, W, W - 1]  # the last one short, flushed
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    cap = BUCKET * 4 / 2**20
+
+    plain, hooked = _Branchy(), torch.nn.parallel.DistributedDataParallel(_Branchy())
+    plain_acc = fusedaccum.GradAccumulator(_sgd(plain), W, max_grad_norm=MAX_NORM, process_group="default",
+                                           bucket_cap_mb=cap)
+    acc = fusedaccum.GradAccumulator(_sgd(hooked), W, max_grad_norm=MAX_NORM, ddp_module=hooked, bucket_cap_mb=cap,
+                                     accumulate_in_backward=True)
+    (buffer,) = [b.buffer for b in acc.master_grad_buffers()]
+    n_buckets = -(-buffer.numel() // BUCKET)
+    assert n_buckets >= 3
+    counter = _CountAllReduce()
+    at_body = _count_before_body_grads(hooked.module, counter)
+    dist.all_reduce = counter
+    try:
+        for k, n in enumerate(windows):
+            for i in range(n):
+                x, y = data[k][rank, i], targets[k][rank, i]
+                F.mse_loss(plain(x), y).backward()
+                plain_acc.step()
+                before, events_before = len(counter.calls), len(counter.events)
+                F.mse_loss(hooked(x), y).backward()
+                in_backward = counter.events[events_before:]
+                acc.step()
+                if i + 1 < W:
+                    assert len(counter.calls) == before, f"window {k} micro-step {i}: a collective on a non-final step"
+                    continue
+                # The whole buffer was issued during the last backward, the first bucket before the body's grads
+                # existed; nothing was waited on inside backward. step() added the metadata, then waited.
+                assert in_backward == ["issue"] * n_buckets, f"window {k}: {in_backward} during the last backward"
+                assert at_body[-1] - before >= 1, f"window {k}: no bucket issued before backward reached the body"
+                _assert_buckets_tile(counter.calls[before : before + n_buckets], buffer, f"window {k}")
+                assert counter.calls[-1].dtype == torch.float64, f"window {k}: step() did not add the metadata"
+                assert counter.events[events_before + n_buckets :] == ["issue"] + ["wait"] * (n_buckets + 1)
+            if n < W:
+                assert plain_acc.flush() and acc.flush()
+            for p, q in zip(plain.parameters(), hooked.module.parameters()):
+                assert torch.equal(p, q), f"window {k}: accumulate_in_backward differs from the default mode"
+            assert torch.equal(plain_acc.grad_norm, acc.grad_norm)
+    finally:
+        dist.all_reduce = counter._real
+    _assert_replicas_identical(hooked, world, "overlap bitwise")
+
+
+def _scenario_overlap_edges(rank: int, world: int) -> None:
+    """accumulate_in_backward with process_group: a param unused on one rank in the last micro-step (its bucket,
+    and the ones after it, wait for step() there), a NaN on one rank (every rank skips), two backwards in the last
+    micro-step after the buckets were issued (the second one's grads are reduced at step() on every rank), a short
+    window in which a layer gets no grad anywhere: equal to the single-process large batch."""
+    gen = torch.Generator().manual_seed(5)
+    windows = [W, W, W, W, W - 1]
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    use = [[[True] * n for _ in range(world)] for n in windows]
+    use[1][world - 1][W - 1] = False  # unused on the last rank in window 1's last micro-step
+    use[4] = [[False] * windows[4] for _ in range(world)]  # unused everywhere in the short last window
+    nan_window, late_window = 2, 3
+    data[nan_window][0, 0, 0, 0] = float("nan")  # rank 0, micro-step 0: every grad of that backward is nan
+
+    model, ref = _Branchy(), _Branchy()
+    inner, ref_opt = _sgd(model), _sgd(ref)
+    grads, ref_grads = _record_grads(inner), _record_grads(ref_opt)
+    acc = fusedaccum.GradAccumulator(inner, W, max_grad_norm=MAX_NORM, process_group="default",
+                                     bucket_cap_mb=BUCKET * 4 / 2**20, accumulate_in_backward=True)
+    (buffer,) = [b.buffer for b in acc.master_grad_buffers()]
+    n_buckets = -(-buffer.numel() // BUCKET)
+    counter = _CountAllReduce()
+    dist.all_reduce = counter
+    try:
+        for k, n in enumerate(windows):
+            for i in range(n):
+                x, y, u = data[k][rank, i], targets[k][rank, i], use[k][rank][i]
+                before = len(counter.calls)
+                if k == late_window and i + 1 == W and rank == 0:
+                    half = ROWS // 2  # the mean over ROWS rows, as two backwards of half the rows each
+                    (0.5 * F.mse_loss(model(x[:half], u), y[:half])).backward()
+                    assert len(counter.calls) - before == n_buckets
+                    (0.5 * F.mse_loss(model(x[half:], u), y[half:])).backward()
+                else:
+                    F.mse_loss(model(x, u), y).backward()
+                issued_in_backward = len(counter.calls) - before
+                acc.step()
+                if i + 1 < W:
+                    continue
+                if k == 1 and rank == world - 1:
+                    assert issued_in_backward == 0, "the unused layer's bucket must hold back every bucket"
+                else:
+                    assert issued_in_backward == n_buckets
+                made = counter.calls[before + issued_in_backward :]
+                issued_at_step = n_buckets - issued_in_backward
+                _assert_buckets_tile(counter.calls[before : before + n_buckets], buffer, f"window {k}")
+                assert made[issued_at_step].dtype == torch.float64  # the metadata, after every bucket
+                # The late grads: one more all-reduce on every rank (the others contribute zeros).
+                assert len(made) == issued_at_step + 1 + (k == late_window), f"window {k}: {len(made)} at step()"
+            if n < W:
+                assert acc.flush()
+            assert acc.stepped == (k != nan_window) or n < W
+    finally:
+        dist.all_reduce = counter._real
+    assert acc.skipped_windows == 1
+    assert model.extra.weight.grad is None
+
+    for k, n in enumerate(windows):
+        if k == nan_window:
+            continue
+        ref_opt.zero_grad(set_to_none=True)
+        total = sum(F.mse_loss(ref(data[k][r, i], use[k][r][i]), targets[k][r, i])
+                    for r in range(world) for i in range(n))
+        (total / (world * n)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        ref_opt.step()
+    assert abs(acc.grad_norm.item() - norm.item()) <= REL * norm.item()
+    _assert_rel_close(model, ref, grads, ref_grads, "overlap edges")
+    _assert_replicas_identical(model, world, "overlap edges")
+
+
 def _worker(rank: int, world: int, store_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Loopback only: gloo otherwise resolves the host name to pick an interface, which in containers can be one
@@ -284,6 +441,8 @@ def _worker(rank: int, world: int, store_path: str) -> None:
         _scenario_plain(rank, world)
         _scenario_ddp_weighted(rank, world)
         _scenario_ddp_checkpoint(rank, world)
+        _scenario_overlap_bitwise(rank, world)
+        _scenario_overlap_edges(rank, world)
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()

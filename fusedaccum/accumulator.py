@@ -139,6 +139,15 @@ class GradAccumulator(torch.optim.Optimizer):
             at most 1 MiB); the masters and the update are the default distributed mode's, bit for bit (unless a
             second backward in the last micro-step adds to a bucket already issued: that grad is all-reduced
             separately at ``step()``, which rounds the sum differently).
+        fsdp_module: the module ``torch.distributed.fsdp.fully_shard`` was applied to (the root), when the
+            optimizer holds FSDP2's sharded parameters. FSDP keeps reduce-scattering (and averaging over ranks)
+            every backward's gradient; the wrapper accumulates each rank's float32 gradient shards (masters of
+            1/world the size), and per window one small all-reduce over the mesh makes the inf/NaN skip and the
+            clipping norm global. Every trainable parameter must be sharded on the same 1-D mesh. Not with
+            ``process_group``/``ddp_module``, ``accumulate_in_backward``, ``master_weights`` (use
+            ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``: the float32 shards are the master weights) or
+            ``step(weight=...)``. Use ``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` so that the
+            reduce-scatter itself does not sum in bf16. See docs/distributed.md.
 
     Raises:
         TypeError / ValueError: bad arguments; nothing is created.
@@ -163,6 +172,7 @@ class GradAccumulator(torch.optim.Optimizer):
         ddp_module: torch.nn.Module | None = None,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         accumulate_in_backward: bool = False,
+        fsdp_module: torch.nn.Module | None = None,
     ) -> None:
         if isinstance(optimizer, GradAccumulator):
             raise TypeError(
@@ -201,6 +211,8 @@ class GradAccumulator(torch.optim.Optimizer):
         if not isinstance(accumulate_in_backward, bool):
             raise TypeError(f"fusedaccum: accumulate_in_backward must be a bool, got {accumulate_in_backward!r}")
 
+        if fsdp_module is not None:
+            _check_fsdp_module(fsdp_module, process_group, ddp_module, accumulate_in_backward, master_weights)
         distributed, group = _resolve_process_group(process_group, ddp_module)
 
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
@@ -214,6 +226,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._scaler = scaler
         self._distributed = distributed
         self._group = group  # None with distributed=True means torch.distributed's default group
+        # FSDP2: the params are DTensor shards and FSDP reduce-scatters every backward's gradient itself; the
+        # wrapper accumulates the local shards and agrees with the other shards' ranks on the skip and the norm.
+        self._fsdp = fsdp_module is not None
+        self._shard_group: Any = None  # the params' mesh group (set by _sync_layout)
         # float32 elements per all-reduce bucket (at least one, so a tiny cap still makes progress).
         self._bucket_elements = max(1, int(bucket_cap_mb * 2**20) // 4)
         # OrderedDicts as in Optimizer.__init__: the handles register_*_hook returns keep weak references to them.
@@ -415,6 +431,13 @@ class GradAccumulator(torch.optim.Optimizer):
                 "fusedaccum: step(weight=...) cannot be used with accumulate_in_backward=True: the hooks scale the "
                 "window's last micro-step by 1/sum(weights) during backward, before step() could give its weight. "
                 "Use the default mode (accumulate_in_backward=False) for weighted windows"
+            )
+        if self._fsdp and weight is not None:
+            raise ValueError(
+                "fusedaccum: step(weight=...) cannot be used with fsdp_module: FSDP averages each micro-batch's "
+                "gradient over the ranks in its reduce-scatter, before step() sees it, so per-rank weights cannot be "
+                "applied afterwards. Weight the loss instead (loss * w * world_size / global weight sum) with "
+                "reduction='sum'"
             )
         w = self._check_weight(weight)
         self._check_weighting(weight is not None)
@@ -736,6 +759,7 @@ class GradAccumulator(torch.optim.Optimizer):
         out = []
         for p, grad in found:
             entry = self._by_param[id(p)]
+            grad = _local_grad(p, grad)
             out.append((entry, grad if grad.is_contiguous() else grad.contiguous()))
         return out
 
@@ -838,6 +862,13 @@ class GradAccumulator(torch.optim.Optimizer):
         """The update of a complete window whose masters hold the final (scaled) gradient and sumsq its norm²."""
         found = self._combined(self._found_inf)
         sumsq = self._combined(self._sumsq)
+        if self._shard_group is not None:
+            # FSDP: each rank measured its own shards. One small all-reduce makes the skip and the norm global
+            # (the shards partition every param, so the squared norms add up); float64 so the sum of the shards'
+            # float32 partial sums adds no rounding of its own.
+            both = torch.cat([found, sumsq]).double()
+            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self._shard_group)
+            found, sumsq = (both[:1] > 0).float(), both[1:].float()
         norm = sumsq.sqrt()
         # Finite grads can still sum past float32's range in the masters: a non-finite norm skips the window too,
         # read in the same host sync as the flag.
@@ -1017,14 +1048,13 @@ class GradAccumulator(torch.optim.Optimizer):
                 holders.append(e.master_weight)
                 continue
             grad_dtype = getattr(e.param, "grad_dtype", e.param.dtype) or e.param.dtype
-            if grad_dtype == torch.float32:
-                e.param.grad = e.view
-            else:
+            grad = e.view
+            if grad_dtype != torch.float32:
                 # bf16/fp16 params without master weights: the float32 mean, rounded once to the param dtype.
                 grad = torch.empty(e.view.shape, dtype=grad_dtype, device=e.view.device)
                 casts[0].append(grad)
                 casts[1].append(e.view)
-                e.param.grad = grad
+            e.param.grad = _as_param_grad(e.param, grad)
             holders.append(e.param)
         ops.copy_(*casts)
         if self._master_weights:
@@ -1120,22 +1150,27 @@ class GradAccumulator(torch.optim.Optimizer):
                 )
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError("fusedaccum: GradAccumulator supports dense (strided) parameters only")
-            _refuse_sharded_param(p)
-        for device in {p.device for _, p in trainable}:
+        shard_groups = {id(g): g for g in (_fsdp_mesh_group(p, self._fsdp) for _, p in trainable) if g is not None}
+        if len(shard_groups) > 1:
+            raise ValueError("fusedaccum: with fsdp_module, every parameter must be sharded on the same device mesh")
+        # The masters are shaped like what this rank holds: the local shard of a DTensor, else the param.
+        local = {id(p): _local(p) for _, p in trainable}
+        for device in {local[id(p)].device for _, p in trainable}:
             backends.resolve(self._backend, device)  # a backend that cannot serve these tensors fails here, early
         sizes: dict[GroupKey, int] = {}
         for _, p in trainable:
-            key = (p.device, p.dtype)
-            sizes[key] = _aligned(sizes.get(key, 0)) + p.numel()
+            key = (local[id(p)].device, p.dtype)
+            sizes[key] = _aligned(sizes.get(key, 0)) + local[id(p)].numel()
         buffers = {key: torch.zeros(n, dtype=torch.float32, device=key[0]) for key, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
         entries: list[_Entry] = []
         touched: list[bool] = []
         for position, p in trainable:
-            key = (p.device, p.dtype)
+            shard = local[id(p)]
+            key = (shard.device, p.dtype)
             offset = _aligned(offsets[key])
-            offsets[key] = offset + p.numel()
-            view = buffers[key][offset : offset + p.numel()].view(p.shape)
+            offsets[key] = offset + shard.numel()
+            view = buffers[key][offset : offset + shard.numel()].view(shard.shape)
             old = self._by_param.get(id(p))
             old = old if old is not None and old.param is p else None
             master_weight = None
@@ -1154,6 +1189,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._index_of = {id(e): i for i, e in enumerate(entries)}
         self._buffers = buffers
         self._touched = touched
+        if shard_groups:
+            (self._shard_group,) = shard_groups.values()
         for device in {key[0] for key in buffers}:
             if device not in self._found_inf:
                 self._found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
@@ -1318,7 +1355,7 @@ def _resolve_process_group(process_group: Any, ddp_module: torch.nn.Module | Non
         if not isinstance(ddp_module, torch.nn.parallel.DistributedDataParallel):
             hint = ""
             if any(isinstance(p, _dtensor_type()) for p in ddp_module.parameters()) or _is_fsdp1(ddp_module):
-                hint = " FSDP is not supported yet (see docs/distributed.md)."
+                hint = " For FSDP2 (fully_shard) pass fsdp_module= instead; FSDP1 is not supported."
             raise TypeError(
                 "fusedaccum: ddp_module must be a torch.nn.parallel.DistributedDataParallel, got "
                 f"{type(ddp_module).__name__}.{hint}"
@@ -1392,13 +1429,96 @@ def _is_fsdp1(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
 
 
-def _refuse_sharded_param(p: torch.Tensor) -> None:
-    # Sharded params get reduce-scattered gradients: summing their local shards across ranks, or treating a
-    # shard as a whole param, would be silently wrong, so they are refused until FSDP is supported.
-    if isinstance(p, _dtensor_type()):
-        raise TypeError(
-            "fusedaccum: a parameter is a DTensor (FSDP2 fully_shard or tensor parallel); GradAccumulator does not "
-            "support sharded parameters yet. See docs/distributed.md for how FSDP2 maps onto accumulation"
+def _fsdp_mesh_group(p: torch.Tensor, fsdp: bool) -> Any:
+    """Checks how ``p`` is sharded; returns its mesh's process group for an FSDP2 shard, None for a plain tensor.
+
+    Without fsdp_module, sharded params are refused: summing their local shards across ranks, or treating a shard
+    as a whole param, would be silently wrong. With it, every trainable param must be an FSDP2 shard: a plain
+    tensor would keep its rank-local gradient (FSDP reduces only what it shards)."""
+    is_dtensor = isinstance(p, _dtensor_type())
+    if not fsdp:
+        if is_dtensor:
+            raise TypeError(
+                "fusedaccum: a parameter is a DTensor (FSDP2 fully_shard or tensor parallel): for FSDP2 pass the "
+                "fully_shard root module as GradAccumulator(..., fsdp_module=model); tensor parallelism is not "
+                "supported. See docs/distributed.md"
+            )
+        if type(p).__name__ == "FlatParameter":
+            raise TypeError(
+                "fusedaccum: FSDP1 (FullyShardedDataParallel) flat parameters are not supported; use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard) with GradAccumulator(..., fsdp_module=model)"
+            )
+        return None
+    if not is_dtensor:
+        raise ValueError(
+            f"fusedaccum: with fsdp_module, every trainable parameter in the optimizer must be sharded by "
+            f"fully_shard; a plain tensor parameter of shape {tuple(p.shape)} would keep its rank-local gradient "
+            "(FSDP reduces only the parameters it shards)"
         )
-    if type(p).__name__ == "FlatParameter":
-        raise TypeError("fusedaccum: FSDP (FullyShardedDataParallel) flat parameters are not supported yet")
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or not all(placement.is_shard() for placement in p.placements):
+        raise ValueError(
+            f"fusedaccum: fsdp_module supports parameters sharded on a 1-D device mesh (fully_shard); got "
+            f"{tuple(p.placements)} on a {mesh.ndim}-D mesh (HSDP and tensor parallelism are not supported)"
+        )
+    return mesh.get_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``t``: a DTensor's local shard (no autograd record), else ``t`` itself."""
+    if isinstance(t, _dtensor_type()):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def _local_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The local shard of a sharded param's grad, which must be sharded like the param (a Partial or replicated
+    gradient would not be this rank's part of the reduced sum)."""
+    if not isinstance(p, _dtensor_type()):
+        return grad
+    if not isinstance(grad, _dtensor_type()) or tuple(grad.placements) != tuple(p.placements):
+        got = tuple(grad.placements) if isinstance(grad, _dtensor_type()) else type(grad).__name__
+        raise ValueError(
+            f"fusedaccum: a sharded parameter of shape {tuple(p.shape)} has a gradient placed as {got}, not "
+            f"{tuple(p.placements)} like the parameter; GradAccumulator expects FSDP2's reduce-scattered gradients"
+        )
+    return _local(grad)
+
+
+def _as_param_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` (shaped like this rank's part of ``p``) as what ``p.grad`` must be: a DTensor sharded like ``p``."""
+    if not isinstance(p, _dtensor_type()):
+        return grad
+    return type(p).from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _check_fsdp_module(
+    module: torch.nn.Module, process_group: Any, ddp_module: Any, accumulate_in_backward: bool, master_weights: bool
+) -> None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        FSDPModule = None  # noqa: N806
+    if FSDPModule is None or not isinstance(module, FSDPModule):
+        raise TypeError(
+            f"fusedaccum: fsdp_module must be the module fully_shard was applied to (an FSDPModule), got "
+            f"{type(module).__name__}"
+        )
+    if process_group is not None or ddp_module is not None:
+        raise ValueError(
+            "fusedaccum: fsdp_module cannot be combined with process_group or ddp_module: FSDP reduce-scatters "
+            "every backward's gradient itself, over its device mesh"
+        )
+    if accumulate_in_backward:
+        raise ValueError(
+            "fusedaccum: accumulate_in_backward=True cannot be used with fsdp_module: FSDP assigns the sharded "
+            "gradients after its reduce-scatter, where no post-accumulate-grad hook runs (FSDP already frees the "
+            "unsharded gradients); use the default mode"
+        )
+    if master_weights:
+        raise ValueError(
+            "fusedaccum: master_weights=True cannot be used with fsdp_module: keep the sharded parameters float32 "
+            "and compute in bf16 with fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)); "
+            "the float32 shards are then the master weights"
+        )

@@ -429,6 +429,115 @@ def _scenario_overlap_edges(rank: int, world: int) -> None:
     _assert_replicas_identical(model, world, "overlap edges")
 
 
+def _scenario_fsdp(rank: int, world: int) -> None:
+    """FSDP2 (fully_shard per layer and at the root, float32 reduce-scatter): the wrapper accumulates each rank's
+    gradient shards; a NaN in one rank's shard skips the window on every rank; the clipping norm is the global
+    one; one small all-reduce per window and none on other micro-steps; a short window flushed at the end. Equal to
+    the single-process large batch (3 ranks shard unevenly)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    gen = torch.Generator().manual_seed(6)
+    windows = [W, W, W, W - 1]
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    nan_window = 1
+
+    model, ref = _model(), _model()
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    inner, ref_opt = _sgd(model), _sgd(ref)
+    ref_grads = _record_grads(ref_opt)
+    grads: list[list[torch.Tensor]] = []  # the whole gradients the sharded optimizer steps with (all-gathered)
+    inner.register_step_pre_hook(
+        lambda o, args, kwargs: grads.append([p.grad.full_tensor() for g in o.param_groups for p in g["params"]])
+    )
+    acc = fusedaccum.GradAccumulator(inner, W, max_grad_norm=MAX_NORM, fsdp_module=model)
+    (buffer,) = acc.master_grad_buffers()
+    local = sum(p.to_local().numel() for p in model.parameters())
+    assert local < sum(p.numel() for p in model.parameters()) and buffer.buffer.numel() < local + 16, "not sharded"
+
+    counter = _CountAllReduce()
+    dist.all_reduce = counter
+    try:
+        for k, n in enumerate(windows):
+            for i in range(n):
+                before = len(counter.calls)
+                F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+                if k == nan_window and i == 0 and rank == 0:
+                    with torch.no_grad():  # in this rank's shard only: the other ranks' grads stay finite
+                        next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
+                acc.step()
+                made = counter.calls[before:]
+                if i + 1 < W:
+                    assert made == [], f"window {k} micro-step {i}: {len(made)} all-reduce(s) on a non-final step"
+                else:
+                    assert len(made) == 1 and made[0].dtype == torch.float64 and made[0].numel() == 2, made
+            if n < W:
+                assert acc.flush()
+            assert acc.stepped == (k != nan_window), f"window {k}"
+    finally:
+        dist.all_reduce = counter._real
+    assert acc.skipped_windows == 1
+
+    for k in range(len(windows)):
+        if k == nan_window:
+            continue
+        ref_opt.zero_grad()
+        F.mse_loss(ref(data[k].reshape(-1, 7)), targets[k].reshape(-1, 5)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        assert norm > MAX_NORM
+        ref_opt.step()
+    assert abs(acc.grad_norm.item() - norm.item()) <= REL * norm.item()
+    full = torch.nn.Module()  # the whole weights, gathered from the shards, to compare with the reference
+    full.params = torch.nn.ParameterList([torch.nn.Parameter(p.full_tensor()) for p in model.parameters()])
+    _assert_rel_close(full, ref, grads, ref_grads, "fsdp")
+
+
+def _scenario_fsdp_checkpoint(rank: int, world: int) -> None:
+    """FSDP2, checkpoint mid-window: each rank saves its sharded model state and acc.state_dict() (its gradient
+    shards' partial sums) through torch.save; a fresh sharded model/optimizer/wrapper with other initial weights
+    loads them and trains on; its shards are bit-identical to a run that never stopped."""
+    from torch.distributed.fsdp import fully_shard
+
+    gen = torch.Generator().manual_seed(7)
+    windows = [W, W, W - 1]
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    schedule = [(k, i) for k, n in enumerate(windows) for i in range(n)]
+
+    def build(seed: int) -> tuple[torch.nn.Module, fusedaccum.GradAccumulator]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+        fully_shard(model)
+        return model, fusedaccum.GradAccumulator(_sgd(model), W, max_grad_norm=MAX_NORM, fsdp_module=model)
+
+    def train(model: torch.nn.Module, acc: fusedaccum.GradAccumulator, steps: list[tuple[int, int]]) -> None:
+        for k, i in steps:
+            F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+            acc.step()
+            if i + 1 == windows[k] and windows[k] < W:
+                assert acc.flush()
+
+    whole, whole_acc = build(0)
+    train(whole, whole_acc, schedule)
+    split = schedule.index((1, 1)) + 1
+    first, first_acc = build(0)
+    train(first, first_acc, schedule[:split])
+    blob = io.BytesIO()
+    torch.save({"model": first.state_dict(), "acc": first_acc.state_dict()}, blob)
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=False)  # DTensors; the test's own file
+    resumed, resumed_acc = build(5)
+    resumed.load_state_dict(saved["model"])
+    resumed_acc.load_state_dict(saved["acc"])
+    assert resumed_acc.micro_step == 2
+    train(resumed, resumed_acc, schedule[split:])
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), "fsdp resumed mid-window: shards differ"
+
+
 def _worker(rank: int, world: int, store_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Loopback only: gloo otherwise resolves the host name to pick an interface, which in containers can be one
@@ -443,6 +552,8 @@ def _worker(rank: int, world: int, store_path: str) -> None:
         _scenario_ddp_checkpoint(rank, world)
         _scenario_overlap_bitwise(rank, world)
         _scenario_overlap_edges(rank, world)
+        _scenario_fsdp(rank, world)
+        _scenario_fsdp_checkpoint(rank, world)
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
@@ -496,5 +607,48 @@ def test_refuses_ddp_setups_that_would_diverge(tmp_path) -> None:
         static = torch.nn.parallel.DistributedDataParallel(_model(), static_graph=True)
         with pytest.raises(ValueError, match="static_graph"):
             fusedaccum.GradAccumulator(_sgd(static.module), 2, ddp_module=static)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refusals(tmp_path) -> None:
+    """What fsdp_module cannot serve is refused with a message naming it, before anything changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _model()
+        fully_shard(model)
+        opt = _sgd(model)
+        make = fusedaccum.GradAccumulator
+        with pytest.raises(TypeError, match="fsdp_module must be the module fully_shard was applied to"):
+            make(opt, 2, fsdp_module=_model())
+        with pytest.raises(ValueError, match="cannot be combined with process_group"):
+            make(opt, 2, fsdp_module=model, process_group="default")
+        with pytest.raises(ValueError, match="accumulate_in_backward"):
+            make(opt, 2, fsdp_module=model, accumulate_in_backward=True)
+        with pytest.raises(ValueError, match="master_weights"):
+            make(opt, 2, fsdp_module=model, master_weights=True)
+        with pytest.raises(TypeError, match="fsdp_module=model"):  # sharded params, fsdp_module not given
+            make(opt, 2)
+        with pytest.raises(ValueError, match="plain tensor parameter of shape"):
+            make(torch.optim.SGD([*model.parameters(), torch.nn.Parameter(torch.randn(3))], lr=0.1), 2,
+                 fsdp_module=model)
+        hsdp = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1, 1)),
+                                                    [Replicate(), Shard(0)]))
+        with pytest.raises(ValueError, match="1-D device mesh"):
+            make(torch.optim.SGD([hsdp], lr=0.1), 2, fsdp_module=model)
+
+        acc = make(opt, 2, fsdp_module=model)
+        F.mse_loss(model(torch.randn(4, 7)), torch.randn(4, 5)).backward()
+        before = [p.grad.to_local().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match="weight"):
+            acc.step(weight=2.0)
+        assert acc.micro_step == 0
+        assert all(torch.equal(p.grad.to_local(), b) for p, b in zip(model.parameters(), before))
+        acc.step()
+        assert acc.micro_step == 1 and all(p.grad is None for p in model.parameters())
     finally:
         dist.destroy_process_group()

@@ -12,7 +12,7 @@ Every micro-step is one fused pass per device (:func:`fusedaccum.ops.accumulate_
 micro-step overwrites the masters (no zeroing pass), the last one multiplies by 1/W (``post_scale``) and measures
 the squared norm (``sumsq``), every one sets a device flag on a non-finite grad (``found_inf``). The only host sync
 is one read of that flag per window, when the update is due. This module knows nothing about kernels beyond
-:mod:`fusedaccum.ops`.
+:mod:`fusedaccum.ops`; the mechanics of collectives and of DDP/FSDP2 setups live in :mod:`fusedaccum.distributed`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ import torch
 import torch.distributed as dist
 
 from . import backends, ops
+from .distributed import (
+    FIRST_BUCKET_ELEMENTS,
+    BucketedAllReduce,
+    agree_across_shards,
+    as_param_grad,
+    check_ddp_params_covered,
+    check_fsdp_module,
+    fsdp_mesh_group,
+    local_grad,
+    local_part,
+    reduce_late,
+    resolve_process_group,
+)
 
 __all__ = ["GradAccumulator", "MasterGradBuffer"]
 
@@ -41,10 +54,6 @@ _ZERO_CHUNK_ELEMENTS = 1 << 22
 # Default all-reduce bucket size, DDP's default: large enough that per-collective latency is amortised, small enough
 # that several buckets of a large model are in flight at once.
 DEFAULT_BUCKET_CAP_MB = 25.0
-# With accumulate_in_backward, the first bucket issued (the end of the buffer: the params backward finishes first)
-# is at most 1 MiB, as DDP's first bucket (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES): the reduction then
-# starts after the first layers of the last backward instead of after a whole 25 MiB of them.
-_FIRST_BUCKET_ELEMENTS = 2**20 // 4
 
 GroupKey = tuple[torch.device, torch.dtype]
 _VIEW_ALIGNMENT_ELEMENTS = 4  # float32 elements per 16 bytes: see _aligned
@@ -212,8 +221,8 @@ class GradAccumulator(torch.optim.Optimizer):
             raise TypeError(f"fusedaccum: accumulate_in_backward must be a bool, got {accumulate_in_backward!r}")
 
         if fsdp_module is not None:
-            _check_fsdp_module(fsdp_module, process_group, ddp_module, accumulate_in_backward, master_weights)
-        distributed, group = _resolve_process_group(process_group, ddp_module)
+            check_fsdp_module(fsdp_module, process_group, ddp_module, accumulate_in_backward, master_weights)
+        distributed, group = resolve_process_group(process_group, ddp_module)
 
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
         # methods (hooks, profiling names, the step wrapper) is set up here.
@@ -230,8 +239,10 @@ class GradAccumulator(torch.optim.Optimizer):
         # wrapper accumulates the local shards and agrees with the other shards' ranks on the skip and the norm.
         self._fsdp = fsdp_module is not None
         self._shard_group: Any = None  # the params' mesh group (set by _sync_layout)
-        # float32 elements per all-reduce bucket (at least one, so a tiny cap still makes progress).
+        # Distributed: the window's bucketed all-reduce of the masters. float32 elements per bucket: at least one, so
+        # a tiny cap still makes progress.
         self._bucket_elements = max(1, int(bucket_cap_mb * 2**20) // 4)
+        self._reducer = BucketedAllReduce(group, self._bucket_elements) if distributed else None
         # OrderedDicts as in Optimizer.__init__: the handles register_*_hook returns keep weak references to them.
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -257,17 +268,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh: set[int] = set()
         self._sumsq_stale = False
         self._hook_scale: float | torch.Tensor | None = None
-        # Distributed: the window's all-reduce buckets (_plan_buckets), the asynchronous collectives in flight and
-        # how many buckets were issued. With accumulate_in_backward, the hooks of the window's last micro-step issue
-        # each bucket as soon as every param it overlaps has its final sum (_bucket_waiting counts those still
-        # missing), in plan order on every rank; a grad that arrives for an issued bucket goes to _late (by entry
-        # index) and is reduced after the others.
-        self._bucket_plan: list[tuple[GroupKey, int, int]] = []
-        self._bucket_params: list[int] = []
-        self._entry_buckets: list[list[int]] = []
-        self._bucket_waiting: list[int] = []
-        self._issued: list[Any] = []
-        self._next_bucket = 0
+        # Distributed accumulate_in_backward: grads that arrived in the last micro-step after their bucket's
+        # all-reduce had been issued, by entry index (reduced separately at step(): distributed.reduce_late).
         self._late: dict[int, torch.Tensor] = {}
 
         # Layout (built from the param_groups; rebuilt when they change).
@@ -281,7 +283,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._sumsq: dict[torch.device, torch.Tensor] = {}
         self._sync_layout(force=True)
         if ddp_module is not None:
-            _check_ddp_params_covered(ddp_module, self._inner)
+            check_ddp_params_covered(ddp_module, self._inner)
             # no_sync() for good: DDP's forward then skips the reducer (no per-backward all-reduce, no
             # unused-parameter or buffer collectives) and .grad holds this rank's own gradient.
             ddp_module.require_backward_grad_sync = False
@@ -368,7 +370,6 @@ class GradAccumulator(torch.optim.Optimizer):
         # Hook handles point at the original params; a copy registers its own on its params (__setstate__).
         state["_hook_handles"] = []
         state["_hook_scale"] = None
-        state["_issued"] = []  # collectives in flight belong to the original's buffers
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -701,7 +702,7 @@ class GradAccumulator(torch.optim.Optimizer):
             )
 
     def _refuse_in_flight(self, what: str) -> None:
-        if self._issued:
+        if self._reducer is not None and self._reducer.in_flight:
             raise RuntimeError(
                 f"fusedaccum: {what} during a window's last micro-step, after the last backward had started the "
                 "all-reduce of the master buffers (accumulate_in_backward with process_group/ddp_module); call "
@@ -759,7 +760,7 @@ class GradAccumulator(torch.optim.Optimizer):
         out = []
         for p, grad in found:
             entry = self._by_param[id(p)]
-            grad = _local_grad(p, grad)
+            grad = local_grad(p, grad)
             out.append((entry, grad if grad.is_contiguous() else grad.contiguous()))
         return out
 
@@ -862,13 +863,8 @@ class GradAccumulator(torch.optim.Optimizer):
         """The update of a complete window whose masters hold the final (scaled) gradient and sumsq its norm²."""
         found = self._combined(self._found_inf)
         sumsq = self._combined(self._sumsq)
-        if self._shard_group is not None:
-            # FSDP: each rank measured its own shards. One small all-reduce makes the skip and the norm global
-            # (the shards partition every param, so the squared norms add up); float64 so the sum of the shards'
-            # float32 partial sums adds no rounding of its own.
-            both = torch.cat([found, sumsq]).double()
-            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self._shard_group)
-            found, sumsq = (both[:1] > 0).float(), both[1:].float()
+        if self._shard_group is not None:  # FSDP: the skip and the norm over every rank's shards
+            found, sumsq = agree_across_shards(found, sumsq, self._shard_group)
         norm = sumsq.sqrt()
         # Finite grads can still sum past float32's range in the masters: a non-finite norm skips the window too,
         # read in the same host sync as the flag.
@@ -922,26 +918,25 @@ class GradAccumulator(torch.optim.Optimizer):
         if self._micro_step:
             meta[2 if self._weighted else 3] = 1.0
         flags = [float(t) for t in self._touched]
-        if self._in_backward:  # which params got a grad after their bucket had been issued (_reduce_late)
+        if self._in_backward:  # which params got a grad after their bucket had been issued (reduce_late)
             flags += [float(i in self._late) for i in range(n)]
         if flags:
             meta[4:] = torch.tensor(flags, dtype=torch.float64).to(device)
         # Every collective is issued before any is waited on: the backend can then work on several buckets at once
         # (gloo runs them on its worker threads; nccl queues them on its stream) instead of one round trip each.
         # With accumulate_in_backward the last backward's hooks have issued the buckets whose params were final
-        # (see _issue_ready_buckets); this issues the rest, in the same plan order on every rank.
-        self._issue_buckets(len(self._bucket_plan))
-        works = self._issued + [dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group, async_op=True)]
-        self._issued = []
-        self._next_bucket = 0
-        for work in works:
-            work.wait()
+        # (BucketedAllReduce.param_final); this issues the rest, in the same plan order on every rank.
+        self._reducer.issue_all()
+        meta_work = dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self._group, async_op=True)
+        self._reducer.wait_all()
+        meta_work.wait()
         host = meta.tolist()  # host sync: skip/step and which params to hand the optimizer are host decisions
         overflow, weight_sum, n_weighted, n_unweighted = host[0] > 0, host[1], host[2], host[3]
         self._touched = [t > 0 for t in host[4 : 4 + n]]
         late = [i for i, t in enumerate(host[4 + n :]) if t > 0]
         if late:
-            self._reduce_late(late)
+            reduce_late([e.view for e in entries], self._late, late, self._group)
+            self._late.clear()
         if n_weighted and n_unweighted:
             self._reset_window()
             raise ValueError(
@@ -962,72 +957,6 @@ class GradAccumulator(torch.optim.Optimizer):
         if not overflow:  # a skipped window needs no scaling
             self._scale_masters_only_([e for e, t in zip(entries, self._touched) if t], self._post_scale())
         return self._finish_window()
-
-    def _reduce_late(self, late: list[int]) -> None:
-        """All-reduce the grads that arrived after their bucket had been issued (any rank's; ``late`` is the same
-        list on every rank) and add them to the reduced masters: one collective per device, rare (a second
-        backward in a window's last micro-step, accumulate_in_backward only)."""
-        by_device: dict[torch.device, list[int]] = {}
-        for i in late:
-            by_device.setdefault(self._entries[i].key[0], []).append(i)
-        for device, indices in by_device.items():
-            views = [self._entries[i].view for i in indices]
-            flat = torch.zeros(sum(v.numel() for v in views), dtype=torch.float32, device=device)
-            start = 0
-            for i, view in zip(indices, views):
-                if i in self._late:
-                    flat[start : start + view.numel()].copy_(self._late[i].reshape(-1))
-                start += view.numel()
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group)
-            start = 0
-            for view in views:
-                view.add_(flat[start : start + view.numel()].view(view.shape))
-                start += view.numel()
-        self._late.clear()
-
-    def _plan_buckets(self) -> None:
-        """Cut the flat master buffers into the window's all-reduce buckets (contiguous slices, at most
-        ``bucket_cap_mb`` each), in issue order: from the end of the last buffer back to the start of the first,
-        since backward finishes the last params' grads first (as DDP orders its buckets). Buckets ignore parameter
-        boundaries: the all-reduce is an elementwise sum, so any tiling gives each element the same sum and the
-        cap is met exactly. With accumulate_in_backward, also which buckets each param overlaps."""
-        plan: list[tuple[GroupKey, int, int]] = []
-        for key in reversed(list(self._buffers)):
-            stop = self._buffers[key].numel()
-            while stop > 0:
-                cap = self._bucket_elements
-                if self._in_backward and not plan:
-                    cap = min(cap, _FIRST_BUCKET_ELEMENTS)
-                plan.append((key, max(0, stop - cap), stop))
-                stop = plan[-1][1]
-        self._bucket_plan = plan
-        self._entry_buckets = [[] for _ in self._entries]
-        self._bucket_params = [0] * len(plan)
-        if not (self._in_backward and self._distributed):
-            return
-        for b, (key, start, stop) in enumerate(plan):
-            for i, e in enumerate(self._entries):
-                if e.key == key and start < e.offset + e.view.numel() and e.offset < stop:
-                    self._entry_buckets[i].append(b)
-                    self._bucket_params[b] += 1
-
-    def _issue_buckets(self, upto: int) -> None:
-        """Issue the asynchronous all-reduces of the planned buckets up to (not including) ``upto``."""
-        while self._next_bucket < upto:
-            key, start, stop = self._bucket_plan[self._next_bucket]
-            bucket = self._buffers[key][start:stop]
-            self._issued.append(dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=self._group, async_op=True))
-            self._next_bucket += 1
-
-    def _issue_ready_buckets(self) -> None:
-        """accumulate_in_backward, last micro-step: issue the next buckets in plan order while every param they
-        overlap has its final sum. Strict plan order keeps the ranks' collectives matched even when their
-        backwards finish params in different orders or a param gets no grad on some rank (its bucket, and those
-        after it, then go at step())."""
-        upto = self._next_bucket
-        while upto < len(self._bucket_plan) and self._bucket_waiting[upto] == 0:
-            upto += 1
-        self._issue_buckets(upto)
 
     def _update_scaler(self, found: torch.Tensor) -> None:
         # Hand GradScaler the window's inf flag the way its own step() would record it, then let its update()
@@ -1054,7 +983,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 grad = torch.empty(e.view.shape, dtype=grad_dtype, device=e.view.device)
                 casts[0].append(grad)
                 casts[1].append(e.view)
-            e.param.grad = _as_param_grad(e.param, grad)
+            e.param.grad = as_param_grad(e.param, grad)
             holders.append(e.param)
         ops.copy_(*casts)
         if self._master_weights:
@@ -1150,11 +1079,11 @@ class GradAccumulator(torch.optim.Optimizer):
                 )
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError("fusedaccum: GradAccumulator supports dense (strided) parameters only")
-        shard_groups = {id(g): g for g in (_fsdp_mesh_group(p, self._fsdp) for _, p in trainable) if g is not None}
+        shard_groups = {id(g): g for g in (fsdp_mesh_group(p, self._fsdp) for _, p in trainable) if g is not None}
         if len(shard_groups) > 1:
             raise ValueError("fusedaccum: with fsdp_module, every parameter must be sharded on the same device mesh")
         # The masters are shaped like what this rank holds: the local shard of a DTensor, else the param.
-        local = {id(p): _local(p) for _, p in trainable}
+        local = {id(p): local_part(p) for _, p in trainable}
         for device in {local[id(p)].device for _, p in trainable}:
             backends.resolve(self._backend, device)  # a backend that cannot serve these tensors fails here, early
         sizes: dict[GroupKey, int] = {}
@@ -1196,7 +1125,10 @@ class GradAccumulator(torch.optim.Optimizer):
                 self._found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
                 self._sumsq[device] = torch.zeros(1, dtype=torch.float32, device=device)
         self._signature = signature
-        self._plan_buckets()
+        if self._reducer is not None:
+            spans = [(e.key, e.offset, e.view.numel()) for e in entries] if self._in_backward else None
+            first = min(self._bucket_elements, FIRST_BUCKET_ELEMENTS) if self._in_backward else self._bucket_elements
+            self._reducer.plan(buffers, spans, first)
         self._register_hooks()
 
     def _register_hooks(self) -> None:
@@ -1246,15 +1178,15 @@ class GradAccumulator(torch.optim.Optimizer):
         if last and not self._fresh:
             if self._distributed:
                 # The first grad of the last backward: no bucket is issued yet; count each one's params afresh.
-                self._bucket_waiting = list(self._bucket_params)
+                self._reducer.start_final_backward()
             else:
                 self._zero_sumsq()  # the first grad of the last micro-step starts the window's norm²
         common = dict(zero_grads=False, found_inf=self._found_inf[device], backend=self._backend)
         again = last and key in self._fresh
-        if again and self._distributed and any(b < self._next_bucket for b in self._entry_buckets[index]):
+        if again and self._distributed and self._reducer.param_issued(index):
             # A second grad for this param in the last micro-step (two backwards before one step()) after its
             # bucket's all-reduce was issued: that region is the collective's now. Keep the grad aside; step()
-            # all-reduces such grads once more, on every rank, and adds them (_reduce_late).
+            # all-reduces such grads once more, on every rank, and adds them (distributed.reduce_late).
             held = self._late.get(index)
             first = held is None
             if first:
@@ -1276,9 +1208,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh.add(key)
         entry.param.grad = None  # freed now: at most one param's low-precision grad is alive during backward
         if last and self._distributed and not again:
-            for b in self._entry_buckets[index]:
-                self._bucket_waiting[b] -= 1
-            self._issue_ready_buckets()
+            self._reducer.param_final(index)
 
     def _hooked_micro_scale(self) -> float | torch.Tensor:
         # The loss scale is read once per micro-step (at its first hook), on the device: no host sync.
@@ -1347,178 +1277,3 @@ def _first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
     if len(a) != len(b):
         return f"{len(a)} trainable params saved vs {len(b)} here"
     return f"master buffers {saved['buffers']} saved vs {current['buffers']} here"
-
-
-def _resolve_process_group(process_group: Any, ddp_module: torch.nn.Module | None) -> tuple[bool, Any]:
-    """Validate the distributed arguments; returns (distributed, group for torch.distributed calls)."""
-    if ddp_module is not None:
-        if not isinstance(ddp_module, torch.nn.parallel.DistributedDataParallel):
-            hint = ""
-            if any(isinstance(p, _dtensor_type()) for p in ddp_module.parameters()) or _is_fsdp1(ddp_module):
-                hint = " For FSDP2 (fully_shard) pass fsdp_module= instead; FSDP1 is not supported."
-            raise TypeError(
-                "fusedaccum: ddp_module must be a torch.nn.parallel.DistributedDataParallel, got "
-                f"{type(ddp_module).__name__}.{hint}"
-            )
-        if getattr(ddp_module, "static_graph", False):
-            raise ValueError(
-                "fusedaccum: DistributedDataParallel(static_graph=True) needs DDP's own reduction on its first "
-                "iteration, which the wrapper switches off (DDP fails with an internal assert); build DDP without "
-                "static_graph"
-            )
-        if process_group is None:
-            return True, ddp_module.process_group
-    if process_group is None:
-        return False, None
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "fusedaccum: process_group was given but torch.distributed is not initialised; call "
-            "torch.distributed.init_process_group first (torchrun sets up its environment)"
-        )
-    if isinstance(process_group, str):
-        if process_group != "default":
-            raise ValueError(
-                f"fusedaccum: process_group must be None, 'default' or a ProcessGroup, got {process_group!r}"
-            )
-        group = dist.group.WORLD
-    elif isinstance(process_group, dist.ProcessGroup):
-        group = process_group
-    else:
-        raise TypeError(
-            f"fusedaccum: process_group must be None, 'default' or a ProcessGroup, got {type(process_group).__name__}"
-        )
-    if ddp_module is not None and ddp_module.process_group is not group:
-        raise ValueError(
-            "fusedaccum: process_group differs from ddp_module's process group; the gradients must be reduced "
-            "over the group DDP replicates the model on (leave process_group out to use it)"
-        )
-    return True, group
-
-
-def _check_ddp_params_covered(ddp_module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The wrapper switches DDP's reduction off for the whole module and reduces only its optimizer's params: a
-    trainable DDP param outside that optimizer (a second optimizer's head, say) would never be reduced and the
-    replicas would silently diverge. Refuse that setup."""
-    ignored = set(getattr(ddp_module, "parameters_to_ignore", ()))
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for name, p in ddp_module.module.named_parameters()
-               if p.requires_grad and id(p) not in owned and name not in ignored]
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise ValueError(
-            f"fusedaccum: {len(missing)} trainable parameter(s) of the DDP module are not in the wrapped optimizer "
-            f"({shown}); the wrapper turns DDP's reduction off for the whole module, so they would never be "
-            "averaged across ranks. Put every trainable parameter in the wrapped optimizer (one optimizer with "
-            "several param groups), or mark them in DDP's parameters_to_ignore"
-        )
-
-
-def _dtensor_type() -> type:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return type(None)
-    return DTensor
-
-
-def _is_fsdp1(module: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
-
-
-def _fsdp_mesh_group(p: torch.Tensor, fsdp: bool) -> Any:
-    """Checks how ``p`` is sharded; returns its mesh's process group for an FSDP2 shard, None for a plain tensor.
-
-    Without fsdp_module, sharded params are refused: summing their local shards across ranks, or treating a shard
-    as a whole param, would be silently wrong. With it, every trainable param must be an FSDP2 shard: a plain
-    tensor would keep its rank-local gradient (FSDP reduces only what it shards)."""
-    is_dtensor = isinstance(p, _dtensor_type())
-    if not fsdp:
-        if is_dtensor:
-            raise TypeError(
-                "fusedaccum: a parameter is a DTensor (FSDP2 fully_shard or tensor parallel): for FSDP2 pass the "
-                "fully_shard root module as GradAccumulator(..., fsdp_module=model); tensor parallelism is not "
-                "supported. See docs/distributed.md"
-            )
-        if type(p).__name__ == "FlatParameter":
-            raise TypeError(
-                "fusedaccum: FSDP1 (FullyShardedDataParallel) flat parameters are not supported; use FSDP2 "
-                "(torch.distributed.fsdp.fully_shard) with GradAccumulator(..., fsdp_module=model)"
-            )
-        return None
-    if not is_dtensor:
-        raise ValueError(
-            f"fusedaccum: with fsdp_module, every trainable parameter in the optimizer must be sharded by "
-            f"fully_shard; a plain tensor parameter of shape {tuple(p.shape)} would keep its rank-local gradient "
-            "(FSDP reduces only the parameters it shards)"
-        )
-    mesh = p.device_mesh
-    if mesh.ndim != 1 or not all(placement.is_shard() for placement in p.placements):
-        raise ValueError(
-            f"fusedaccum: fsdp_module supports parameters sharded on a 1-D device mesh (fully_shard); got "
-            f"{tuple(p.placements)} on a {mesh.ndim}-D mesh (HSDP and tensor parallelism are not supported)"
-        )
-    return mesh.get_group()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``t``: a DTensor's local shard (no autograd record), else ``t`` itself."""
-    if isinstance(t, _dtensor_type()):
-        with torch.no_grad():
-            return t.to_local()
-    return t
-
-
-def _local_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The local shard of a sharded param's grad, which must be sharded like the param (a Partial or replicated
-    gradient would not be this rank's part of the reduced sum)."""
-    if not isinstance(p, _dtensor_type()):
-        return grad
-    if not isinstance(grad, _dtensor_type()) or tuple(grad.placements) != tuple(p.placements):
-        got = tuple(grad.placements) if isinstance(grad, _dtensor_type()) else type(grad).__name__
-        raise ValueError(
-            f"fusedaccum: a sharded parameter of shape {tuple(p.shape)} has a gradient placed as {got}, not "
-            f"{tuple(p.placements)} like the parameter; GradAccumulator expects FSDP2's reduce-scattered gradients"
-        )
-    return _local(grad)
-
-
-def _as_param_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` (shaped like this rank's part of ``p``) as what ``p.grad`` must be: a DTensor sharded like ``p``."""
-    if not isinstance(p, _dtensor_type()):
-        return grad
-    return type(p).from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-
-
-def _check_fsdp_module(
-    module: torch.nn.Module, process_group: Any, ddp_module: Any, accumulate_in_backward: bool, master_weights: bool
-) -> None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        FSDPModule = None  # noqa: N806
-    if FSDPModule is None or not isinstance(module, FSDPModule):
-        raise TypeError(
-            f"fusedaccum: fsdp_module must be the module fully_shard was applied to (an FSDPModule), got "
-            f"{type(module).__name__}"
-        )
-    if process_group is not None or ddp_module is not None:
-        raise ValueError(
-            "fusedaccum: fsdp_module cannot be combined with process_group or ddp_module: FSDP reduce-scatters "
-            "every backward's gradient itself, over its device mesh"
-        )
-    if accumulate_in_backward:
-        raise ValueError(
-            "fusedaccum: accumulate_in_backward=True cannot be used with fsdp_module: FSDP assigns the sharded "
-            "gradients after its reduce-scatter, where no post-accumulate-grad hook runs (FSDP already frees the "
-            "unsharded gradients); use the default mode"
-        )
-    if master_weights:
-        raise ValueError(
-            "fusedaccum: master_weights=True cannot be used with fsdp_module: keep the sharded parameters float32 "
-            "and compute in bf16 with fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)); "
-            "the float32 shards are then the master weights"
-        )

@@ -1057,20 +1057,34 @@ def test_window_whose_sum_overflows_float32_is_skipped():
     assert acc.stepped and torch.allclose(p.detach(), before - 0.1 * 2.0)
 
 
-def test_step_rejected_by_the_kernel_checks_changes_nothing():
-    """Two params sharing one grad tensor are refused by the op's overlap check, before the micro-step counts."""
+@pytest.mark.parametrize("before", [0, 1, 3], ids=["one-call", "two-calls", "last-micro-step"])
+def test_step_rejected_by_the_kernel_checks_changes_nothing(before: int):
+    """Two params sharing one grad tensor are refused by the op's overlap check, before the micro-step counts:
+    as the only accumulate_ call of the micro-step (both params first in the window, or the window's last
+    micro-step) and as two calls (a first grad for one param, a later one for the other), which the wrapper checks
+    together beforehand."""
     a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
-    acc = GradAccumulator(torch.optim.SGD([a, b], lr=0.1), 4)
+    acc = GradAccumulator(torch.optim.SGD([a, b], lr=0.1), 4, backend="cpu")
+    for i in range(before):
+        a.grad = torch.ones(4)
+        if i > 0:
+            b.grad = torch.ones(4)
+        acc.step(weight=1.0)
+    masters = [buf.buffer.clone() for buf in acc.master_grad_buffers()]
     shared = torch.randn(4)
     a.grad = b.grad = shared
     with pytest.raises(ValueError, match="overlap"):
-        acc.step(weight=3.0)
-    assert acc.micro_step == 0 and a.grad is shared and b.grad is shared
-    a0 = a.detach().clone()
-    for _ in range(4):
+        acc.step(weight=1.0)
+    assert acc.micro_step == before and a.grad is shared and b.grad is shared
+    assert all(torch.equal(m, buf.buffer) for m, buf in zip(masters, acc.master_grad_buffers()))
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    for _ in range(before, 4):
         a.grad, b.grad = torch.ones(4), torch.ones(4)
         acc.step(weight=1.0)
+    assert acc.stepped
+    # a had a grad of ones on every micro-step, b on all but the first: the rejected call added nothing.
     assert torch.allclose(a0 - a.detach(), torch.full((4,), 0.1)), "an earlier rejected call leaked into the window"
+    assert torch.allclose(b0 - b.detach(), torch.full((4,), 0.1 * (1.0 if before == 0 else (4 - 1) / 4)))
 
 
 def test_hooks_registered_on_the_wrapper_run():

@@ -152,8 +152,9 @@ class GradAccumulator(torch.optim.Optimizer):
             optimizer holds FSDP2's sharded parameters. FSDP keeps reduce-scattering (and averaging over ranks)
             every backward's gradient; the wrapper accumulates each rank's float32 gradient shards (masters of
             1/world the size), and per window one small all-reduce over the mesh makes the inf/NaN skip and the
-            clipping norm global. Every trainable parameter must be sharded on the same 1-D mesh. Not with
-            ``process_group``/``ddp_module``, ``accumulate_in_backward``, ``master_weights`` (use
+            clipping norm global. Every trainable parameter must be sharded on the same 1-D mesh. With
+            ``accumulate_in_backward`` each shard goes into its master from FSDP's post-reduce-scatter hook call.
+            Not with ``process_group``/``ddp_module``, ``master_weights`` (use
             ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``: the float32 shards are the master weights) or
             ``step(weight=...)``. Use ``MixedPrecisionPolicy(reduce_dtype=torch.float32)`` so that the
             reduce-scatter itself does not sum in bf16. See docs/distributed.md.
@@ -221,7 +222,7 @@ class GradAccumulator(torch.optim.Optimizer):
             raise TypeError(f"fusedaccum: accumulate_in_backward must be a bool, got {accumulate_in_backward!r}")
 
         if fsdp_module is not None:
-            check_fsdp_module(fsdp_module, process_group, ddp_module, accumulate_in_backward, master_weights)
+            check_fsdp_module(fsdp_module, process_group, ddp_module, master_weights)
         distributed, group = resolve_process_group(process_group, ddp_module)
 
         # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
@@ -1161,6 +1162,7 @@ class GradAccumulator(torch.optim.Optimizer):
         if grad is None or entry is None or entry.param is not param:
             return
         _check_grad(param, grad)
+        grad = local_grad(param, grad)  # FSDP2 runs these hooks on the sharded param, after its reduce-scatter
         self._accumulate_in_hook_(entry, grad if grad.is_contiguous() else grad.contiguous())
 
     def _accumulate_in_hook_(self, entry: _Entry, grad: torch.Tensor) -> None:

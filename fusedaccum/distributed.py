@@ -291,9 +291,7 @@ def as_param_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return type(p).from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
-def check_fsdp_module(
-    module: torch.nn.Module, process_group: Any, ddp_module: Any, accumulate_in_backward: bool, master_weights: bool
-) -> None:
+def check_fsdp_module(module: torch.nn.Module, process_group: Any, ddp_module: Any, master_weights: bool) -> None:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed
@@ -307,12 +305,6 @@ def check_fsdp_module(
         raise ValueError(
             "fusedaccum: fsdp_module cannot be combined with process_group or ddp_module: FSDP reduce-scatters "
             "every backward's gradient itself, over its device mesh"
-        )
-    if accumulate_in_backward:
-        raise ValueError(
-            "fusedaccum: accumulate_in_backward=True cannot be used with fsdp_module: FSDP assigns the sharded "
-            "gradients after its reduce-scatter, where no post-accumulate-grad hook runs (FSDP already frees the "
-            "unsharded gradients); use the default mode"
         )
     if master_weights:
         raise ValueError(

@@ -538,6 +538,39 @@ def _scenario_fsdp_checkpoint(rank: int, world: int) -> None:
         assert torch.equal(p.to_local(), q.to_local()), "fsdp resumed mid-window: shards differ"
 
 
+def _scenario_fsdp_in_backward(rank: int, world: int) -> None:
+    """FSDP2 with accumulate_in_backward: the hooks FSDP runs on the sharded params after each reduce-scatter add
+    the shards into the masters and free them during backward; the shards after every window equal the default
+    mode's bit for bit (no clipping: the norm is summed per param in this mode)."""
+    from torch.distributed.fsdp import fully_shard
+
+    gen = torch.Generator().manual_seed(8)
+    windows = [W, W, W - 1]
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    plain, hooked = _model(), _model()
+    for model in (plain, hooked):
+        fully_shard(model[0])
+        fully_shard(model)
+    plain_acc = fusedaccum.GradAccumulator(_sgd(plain), W, fsdp_module=plain)
+    acc = fusedaccum.GradAccumulator(_sgd(hooked), W, fsdp_module=hooked, accumulate_in_backward=True)
+    for k, n in enumerate(windows):
+        for i in range(n):
+            x, y = data[k][rank, i], targets[k][rank, i]
+            F.mse_loss(plain(x), y).backward()
+            plain_acc.step()
+            F.mse_loss(hooked(x), y).backward()
+            assert all(p.grad is None for p in hooked.parameters()), "a shard outlived its hook"
+            acc.step()
+        if n < W:
+            assert plain_acc.flush() and acc.flush()
+        assert acc.stepped and plain_acc.stepped
+        for p, q in zip(plain.parameters(), hooked.parameters()):
+            assert torch.equal(p.to_local(), q.to_local()), f"window {k}: in-backward shards differ"
+        # The norm is summed per param in this mode: equal up to float32 rounding.
+        assert abs(acc.grad_norm.item() - plain_acc.grad_norm.item()) <= REL * plain_acc.grad_norm.item()
+
+
 def _worker(rank: int, world: int, store_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Loopback only: gloo otherwise resolves the host name to pick an interface, which in containers can be one
@@ -554,6 +587,7 @@ def _worker(rank: int, world: int, store_path: str) -> None:
         _scenario_overlap_edges(rank, world)
         _scenario_fsdp(rank, world)
         _scenario_fsdp_checkpoint(rank, world)
+        _scenario_fsdp_in_backward(rank, world)
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
@@ -627,8 +661,6 @@ def test_fsdp_refusals(tmp_path) -> None:
             make(opt, 2, fsdp_module=_model())
         with pytest.raises(ValueError, match="cannot be combined with process_group"):
             make(opt, 2, fsdp_module=model, process_group="default")
-        with pytest.raises(ValueError, match="accumulate_in_backward"):
-            make(opt, 2, fsdp_module=model, accumulate_in_backward=True)
         with pytest.raises(ValueError, match="master_weights"):
             make(opt, 2, fsdp_module=model, master_weights=True)
         with pytest.raises(TypeError, match="fsdp_module=model"):  # sharded params, fsdp_module not given

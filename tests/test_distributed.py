@@ -429,6 +429,14 @@ def _scenario_overlap_edges(rank: int, world: int) -> None:
     _assert_replicas_identical(model, world, "overlap edges")
 
 
+def _cpu_mesh(world: int):
+    """FSDP2 on the CPU explicitly: without a mesh, fully_shard shards onto the machine's accelerator when it has
+    one (the GPU machine runs this suite too, all ranks on one GPU, over gloo)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))
+
+
 def _scenario_fsdp(rank: int, world: int) -> None:
     """FSDP2 (fully_shard per layer and at the root, float32 reduce-scatter): the wrapper accumulates each rank's
     gradient shards; a NaN in one rank's shard skips the window on every rank; the clipping norm is the global
@@ -445,8 +453,8 @@ def _scenario_fsdp(rank: int, world: int) -> None:
     model, ref = _model(), _model()
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in (model[0], model[2]):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=_cpu_mesh(world), mp_policy=policy)
+    fully_shard(model, mesh=_cpu_mesh(world), mp_policy=policy)
     inner, ref_opt = _sgd(model), _sgd(ref)
     ref_grads = _record_grads(ref_opt)
     grads: list[list[torch.Tensor]] = []  # the whole gradients the sharded optimizer steps with (all-gathered)
@@ -510,7 +518,7 @@ def _scenario_fsdp_checkpoint(rank: int, world: int) -> None:
     def build(seed: int) -> tuple[torch.nn.Module, fusedaccum.GradAccumulator]:
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
-        fully_shard(model)
+        fully_shard(model, mesh=_cpu_mesh(world))
         return model, fusedaccum.GradAccumulator(_sgd(model), W, max_grad_norm=MAX_NORM, fsdp_module=model)
 
     def train(model: torch.nn.Module, acc: fusedaccum.GradAccumulator, steps: list[tuple[int, int]]) -> None:
@@ -550,8 +558,8 @@ def _scenario_fsdp_in_backward(rank: int, world: int) -> None:
     targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
     plain, hooked = _model(), _model()
     for model in (plain, hooked):
-        fully_shard(model[0])
-        fully_shard(model)
+        fully_shard(model[0], mesh=_cpu_mesh(world))
+        fully_shard(model, mesh=_cpu_mesh(world))
     plain_acc = fusedaccum.GradAccumulator(_sgd(plain), W, fsdp_module=plain)
     acc = fusedaccum.GradAccumulator(_sgd(hooked), W, fsdp_module=hooked, accumulate_in_backward=True)
     for k, n in enumerate(windows):
@@ -654,7 +662,7 @@ def test_fsdp_refusals(tmp_path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = _model()
-        fully_shard(model)
+        fully_shard(model, mesh=_cpu_mesh(1))
         opt = _sgd(model)
         make = fusedaccum.GradAccumulator
         with pytest.raises(TypeError, match="fsdp_module must be the module fully_shard was applied to"):

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fusedaccum
 
@@ -692,3 +694,64 @@ def test_fsdp_refusals(tmp_path) -> None:
         assert acc.micro_step == 1 and all(p.grad is None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+@given(
+    sizes=st.lists(st.integers(0, 50), min_size=1, max_size=3),
+    cap=st.integers(1, 40),
+    first_cap=st.integers(1, 40),
+    data=st.data(),
+)
+@settings(max_examples=300)
+def test_bucket_plan_and_issue_order(sizes, cap, first_cap, data) -> None:
+    """BucketedAllReduce without processes: the plan tiles every buffer exactly, from the end of the last buffer
+    back, each bucket within its cap; with params finishing in any order, the issued buckets are always a prefix
+    of the plan, and a bucket is issued only once every param overlapping it is final, and as soon as it and all
+    before it are."""
+    issued: list[torch.Tensor] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dist, "all_reduce", lambda t, **kwargs: issued.append(t))
+        _check_bucket_plan(sizes, cap, first_cap, data, issued)
+
+
+def _check_bucket_plan(sizes, cap, first_cap, data, issued: list[torch.Tensor]) -> None:
+    from fusedaccum.distributed import BucketedAllReduce
+
+    buffers = {key: torch.zeros(n) for key, n in enumerate(sizes)}
+    spans = []  # params laid out back to back with random gaps, as the wrapper's 16-byte-aligned views
+    for key, n in enumerate(sizes):
+        offset = 0
+        while offset < n:
+            numel = data.draw(st.integers(0, n - offset))
+            spans.append((key, offset, numel))
+            offset += numel + data.draw(st.integers(0, 3))
+    reducer = BucketedAllReduce(None, cap)
+    reducer.plan(buffers, spans, first_cap)
+    plan = reducer._plan
+    for key in reversed(range(len(sizes))):  # the plan walks each buffer from its end to its start
+        cuts = [(start, stop) for k, start, stop in plan if k == key]
+        assert [c[1] for c in cuts] == [sizes[key]] + [c[0] for c in cuts[:-1]] if cuts else sizes[key] == 0
+        assert not cuts or cuts[-1][0] == 0
+    assert [k for k, _, _ in plan] == sorted((k for k, _, _ in plan), reverse=True)
+    assert all(0 < stop - start <= (first_cap if b == 0 else cap) for b, (_, start, stop) in enumerate(plan))
+
+    def overlaps(b: int, span) -> bool:
+        key, start, stop = plan[b]
+        return span[0] == key and start < span[1] + span[2] and span[1] < stop
+
+    reducer.start_final_backward()
+    final: set[int] = set()
+    for index in data.draw(st.permutations(range(len(spans)))):
+        reducer.param_final(index)
+        final.add(index)
+        ready = 0
+        while ready < len(plan) and all(i in final for i, s in enumerate(spans) if overlaps(ready, s)):
+            ready += 1
+        assert len(issued) == ready
+        for b in range(ready):
+            key, start, stop = plan[b]
+            assert issued[b].data_ptr() == buffers[key][start:].data_ptr() and issued[b].numel() == stop - start
+        assert all(reducer.param_issued(i) == any(overlaps(b, spans[i]) for b in range(ready))
+                   for i in range(len(spans)))
+    reducer.issue_all()
+    assert len(issued) == len(plan)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -145,7 +146,8 @@ class GradAccumulator(torch.optim.Optimizer):
             micro-step, as in the default mode. With ``process_group``/``ddp_module`` it also overlaps the
             window's reduction with its last backward, as DDP does: each bucket's all-reduce is issued from the
             hooks as soon as every parameter in it has its final sum (the first bucket, the end of the buffer,
-            at most 1 MiB); the masters and the update are the default distributed mode's, bit for bit (unless a
+            at most 1 MiB), and what is left when the backward ends (a param without a grad on this rank) is
+            issued then; the masters and the update are the default distributed mode's, bit for bit (unless a
             second backward in the last micro-step adds to a bucket already issued: that grad is all-reduced
             separately at ``step()``, which rounds the sum differently).
         fsdp_module: the module ``torch.distributed.fsdp.fully_shard`` was applied to (the root), when the
@@ -269,6 +271,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh: set[int] = set()
         self._sumsq_stale = False
         self._hook_scale: float | torch.Tensor | None = None
+        # Autograd runs the hooks of CPU params on the thread that called backward and those of each CUDA device on
+        # that device's thread: with params on several devices, hooks run concurrently. They share the window's
+        # bookkeeping (and the bucket issue order, which every rank must follow), so they take turns.
+        self._hook_lock = threading.Lock()
         # Distributed accumulate_in_backward: grads that arrived in the last micro-step after their bucket's
         # all-reduce had been issued, by entry index (reduced separately at step(): distributed.reduce_late).
         self._late: dict[int, torch.Tensor] = {}
@@ -371,10 +377,12 @@ class GradAccumulator(torch.optim.Optimizer):
         # Hook handles point at the original params; a copy registers its own on its params (__setstate__).
         state["_hook_handles"] = []
         state["_hook_scale"] = None
+        state["_hook_lock"] = None  # locks do not copy; __setstate__ makes a fresh one
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._hook_lock = threading.Lock()
         # The lookups are keyed by object identity, which a copy changes.
         self._by_param = {id(e.param): e for e in self._entries}
         self._index_of = {id(e): i for i, e in enumerate(self._entries)}
@@ -392,6 +400,7 @@ class GradAccumulator(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; works mid-window (new params join from now on)."""
+        self._refuse_under_way("add_param_group() was called", undo=False)
         self._inner.add_param_group(param_group)
         self._sync_layout()
 
@@ -621,11 +630,11 @@ class GradAccumulator(torch.optim.Optimizer):
                 trainable, group sizes), or mid-window from another accumulation_steps/reduction, or from another
                 master_weights setting. Nothing changes.
         """
+        self._refuse_under_way("load_state_dict() was called", undo=False)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._refuse_in_flight("load_state_dict() was called")
         inner_state = dict(state_dict)
         ours = inner_state.pop(_STATE_KEY, None)
         self._sync_layout()
@@ -715,12 +724,17 @@ class GradAccumulator(torch.optim.Optimizer):
                 "counted as a micro-step. Call acc.step() first (nothing was changed)"
             )
 
-    def _refuse_in_flight(self, what: str) -> None:
-        if self._reducer is not None and self._reducer.in_flight:
+    def _refuse_under_way(self, what: str, undo: bool) -> None:
+        """accumulate_in_backward, distributed: from the window's last backward until its step() the master
+        buffers belong to the reduction (bucketed all-reduces in flight, a layout the ranks agreed on)."""
+        if self._reducer is not None and self._reducer.under_way:
+            advice = (
+                "undo that change, call acc.step() to finish the window, then make it"
+                if undo else "call acc.step() first (nothing was changed)"
+            )
             raise RuntimeError(
-                f"fusedaccum: {what} during a window's last micro-step, after the last backward had started the "
-                "all-reduce of the master buffers (accumulate_in_backward with process_group/ddp_module); call "
-                "acc.step() first (nothing was changed)"
+                f"fusedaccum: {what} between a window's last backward and its step(), while the all-reduce of the "
+                f"master buffers is under way (accumulate_in_backward with process_group/ddp_module); {advice}"
             )
 
     def _check_scaler_ready(self) -> None:
@@ -1072,7 +1086,7 @@ class GradAccumulator(torch.optim.Optimizer):
         signature = self._layout_signature(trainable)
         if not force and signature == self._signature:
             return
-        self._refuse_in_flight("the trainable parameters changed")
+        self._refuse_under_way("the trainable parameters changed", undo=True)
         for _, p in trainable:
             if p.dtype not in _FLOAT_DTYPES:
                 raise TypeError(
@@ -1163,7 +1177,8 @@ class GradAccumulator(torch.optim.Optimizer):
             return
         _check_grad(param, grad)
         grad = local_grad(param, grad)  # FSDP2 runs these hooks on the sharded param, after its reduce-scatter
-        self._accumulate_in_hook_(entry, grad if grad.is_contiguous() else grad.contiguous())
+        with self._hook_lock:
+            self._accumulate_in_hook_(entry, grad if grad.is_contiguous() else grad.contiguous())
 
     def _accumulate_in_hook_(self, entry: _Entry, grad: torch.Tensor) -> None:
         """Add one param's grad into its master now (accumulate_in_backward), with the default mode's maths, and
@@ -1193,8 +1208,9 @@ class GradAccumulator(torch.optim.Optimizer):
             held = self._late.get(index)
             first = held is None
             if first:
-                held = self._late[index] = torch.empty(entry.view.shape, dtype=torch.float32, device=device)
+                held = torch.empty(entry.view.shape, dtype=torch.float32, device=device)
             ops.accumulate_([held], [grad], scale, overwrite=first, **common)
+            self._late[index] = held  # only once it holds the grad: a refused call leaves no garbage behind
         elif again and not self._distributed:
             # A second grad for this param in the last micro-step (in the default mode they would have summed in
             # .grad): its master is already final, m = (M + g1 s) / W, so add g2 s / W. Its sumsq term is now

@@ -46,6 +46,7 @@ class BucketedAllReduce:
         self._waiting: list[int] = []  # per bucket: its params still without their final sum (last backward)
         self._works: list[Any] = []
         self._next = 0  # buckets issued so far this window
+        self._final_backward = False  # the window's last backward has begun; its reduction is under way
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -53,9 +54,9 @@ class BucketedAllReduce:
         return state
 
     @property
-    def in_flight(self) -> bool:
-        """Whether collectives of this window were issued and not yet waited on."""
-        return bool(self._works)
+    def under_way(self) -> bool:
+        """Whether this window's reduction has begun (its last backward started) and not yet ended."""
+        return self._final_backward or bool(self._works)
 
     def plan(self, buffers: dict[Any, torch.Tensor], spans: list[Span] | None, first_bucket_elements: int) -> None:
         """Cut ``buffers`` into buckets (the first at most ``first_bucket_elements``); with ``spans`` (one per
@@ -78,8 +79,16 @@ class BucketedAllReduce:
                     self._params_per_bucket[b] += 1
 
     def start_final_backward(self) -> None:
-        """The window's last backward begins: no param has its final sum yet."""
+        """The window's last backward begins: no param has its final sum yet. Whatever is still held back when
+        this backward ends (a param without a grad on this rank) is issued then, from autograd's end-of-backward
+        callback, as DDP finalises its reduction: when ``backward()`` returns, every rank has issued the same
+        collectives, so a collective the user runs before ``step()`` (logging the loss, say) pairs up correctly."""
         self._waiting = list(self._params_per_bucket)
+        self._final_backward = True
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self.issue_all)
+        except RuntimeError:
+            pass  # not inside a backward (a grad set by hand, found by step()): step() issues the rest itself
 
     def param_final(self, index: int) -> None:
         """Param ``index`` has its final sum: issue the next buckets, in plan order, while all their params do.
@@ -103,7 +112,7 @@ class BucketedAllReduce:
 
     def wait_all(self) -> None:
         """Wait for every issued bucket; the window's reduction is then complete."""
-        works, self._works, self._next = self._works, [], 0
+        works, self._works, self._next, self._final_backward = self._works, [], 0, False
         for work in works:
             work.wait()
 
@@ -120,8 +129,11 @@ def agree_across_shards(found: torch.Tensor, sumsq: torch.Tensor, group: Any) ->
     squared norm global (the shards partition every param, so the squared norms add up); float64, so summing
     the shards' float32 partial sums adds no rounding of its own. The same bytes reach every rank."""
     both = torch.cat([found, sumsq]).double()
+    if both.device.type == "cpu" and str(dist.get_backend(group)) == "nccl":
+        # CPU masters under an nccl-only mesh (FSDP2's CPUOffloadPolicy): nccl reduces device tensors only.
+        both = both.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-    return (both[:1] > 0).float(), both[1:].float()
+    return (both[:1] > 0).float().to(found.device), both[1:].float().to(found.device)
 
 
 def reduce_late(views: list[torch.Tensor], late: dict[int, torch.Tensor], indices: list[int], group: Any) -> None:

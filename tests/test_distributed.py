@@ -361,9 +361,11 @@ def _scenario_overlap_bitwise(rank: int, world: int) -> None:
 
 def _scenario_overlap_edges(rank: int, world: int) -> None:
     """accumulate_in_backward with process_group: a param unused on one rank in the last micro-step (its bucket,
-    and the ones after it, wait for step() there), a NaN on one rank (every rank skips), two backwards in the last
-    micro-step after the buckets were issued (the second one's grads are reduced at step() on every rank), a short
-    window in which a layer gets no grad anywhere: equal to the single-process large batch."""
+    and the ones after it, wait for the end of that rank's backward, so a collective of the user's between
+    backward() and step() still pairs up on every rank), a NaN on one rank (every rank skips), two backwards in the
+    last micro-step after the buckets were issued (the second one's grads are reduced at step() on every rank), a
+    short window in which a layer gets no grad anywhere, parameters added while the reduction is under way
+    (refused, nothing changed): equal to the single-process large batch."""
     gen = torch.Generator().manual_seed(5)
     windows = [W, W, W, W, W - 1]
     data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
@@ -382,6 +384,7 @@ def _scenario_overlap_edges(rank: int, world: int) -> None:
     (buffer,) = [b.buffer for b in acc.master_grad_buffers()]
     n_buckets = -(-buffer.numel() // BUCKET)
     counter = _CountAllReduce()
+    at_body = _count_before_body_grads(model, counter)
     dist.all_reduce = counter
     try:
         for k, n in enumerate(windows):
@@ -396,19 +399,28 @@ def _scenario_overlap_edges(rank: int, world: int) -> None:
                 else:
                     F.mse_loss(model(x, u), y).backward()
                 issued_in_backward = len(counter.calls) - before
+                if i + 1 == W and k == 0:
+                    group_count = len(inner.param_groups)
+                    with pytest.raises(RuntimeError, match="add_param_group.*nothing was changed"):
+                        acc.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+                    assert len(inner.param_groups) == group_count
+                if i + 1 == W and k == 1:
+                    # A collective of the user's between the last backward and step() (e.g. logging the loss).
+                    token = torch.tensor([float(rank + 1)])
+                    counter._real(token)
+                    assert token.item() == world * (world + 1) / 2, "collectives paired up differently on the ranks"
                 acc.step()
                 if i + 1 < W:
                     continue
-                if k == 1 and rank == world - 1:
-                    assert issued_in_backward == 0, "the unused layer's bucket must hold back every bucket"
-                else:
-                    assert issued_in_backward == n_buckets
+                # Every bucket went out during the last backward (those the unused layer held back, at its end).
+                assert issued_in_backward == n_buckets, f"window {k}: {issued_in_backward} issued in backward"
+                if k == 1:  # the unused layer's bucket holds back every bucket until the end of that backward
+                    assert (at_body[-1] == before) == (rank == world - 1), f"window {k}: issued before the body"
                 made = counter.calls[before + issued_in_backward :]
-                issued_at_step = n_buckets - issued_in_backward
                 _assert_buckets_tile(counter.calls[before : before + n_buckets], buffer, f"window {k}")
-                assert made[issued_at_step].dtype == torch.float64  # the metadata, after every bucket
+                assert made[0].dtype == torch.float64  # the metadata, after every bucket
                 # The late grads: one more all-reduce on every rank (the others contribute zeros).
-                assert len(made) == issued_at_step + 1 + (k == late_window), f"window {k}: {len(made)} at step()"
+                assert len(made) == 1 + (k == late_window), f"window {k}: {len(made)} at step()"
             if n < W:
                 assert acc.flush()
             assert acc.stepped == (k != nan_window) or n < W

@@ -87,6 +87,7 @@ class _Entry:
     view: torch.Tensor  # float32 master gradient, the param's shape, a view of its group's buffer
     master_weight: torch.Tensor | None  # float32 copy of a bf16/fp16 param when master_weights=True
     version: int  # param._version when master_weight was last known to match the param
+    index: int  # position in the wrapper's entry list (what _touched and the bucket plan are indexed by)
 
 
 class GradAccumulator(torch.optim.Optimizer):
@@ -283,7 +284,6 @@ class GradAccumulator(torch.optim.Optimizer):
         self._signature: tuple[int, ...] = ()
         self._entries: list[_Entry] = []
         self._by_param: dict[int, _Entry] = {}
-        self._index_of: dict[int, int] = {}
         self._buffers: dict[GroupKey, torch.Tensor] = {}
         self._touched: list[bool] = []  # per entry: got a grad in the current window
         self._found_inf: dict[torch.device, torch.Tensor] = {}
@@ -385,7 +385,6 @@ class GradAccumulator(torch.optim.Optimizer):
         self._hook_lock = threading.Lock()
         # The lookups are keyed by object identity, which a copy changes.
         self._by_param = {id(e.param): e for e in self._entries}
-        self._index_of = {id(e): i for i, e in enumerate(self._entries)}
         self._signature = self._layout_signature([(e.position, e.param) for e in self._entries])
         self._patch_step_function()
         self._register_hooks()
@@ -504,7 +503,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._weight_sum += w
         for entry, _ in grads:
             entry.param.grad = None  # consumed: the next backward writes a fresh grad, no zeroing pass needed
-            self._touched[self._entry_index(entry)] = True
+            self._touched[entry.index] = True
         if local_last:
             # Params that got a grad earlier in the window but not now still need the 1/W and the norm.
             fresh = {id(entry) for entry, _ in grads}
@@ -775,21 +774,28 @@ class GradAccumulator(torch.optim.Optimizer):
 
     def _collect_grads(self) -> list[tuple[_Entry, torch.Tensor]]:
         """The (entry, dense contiguous grad) pairs of this micro-step; validates everything, changes nothing
-        but the layout (which a new trainable param extends)."""
+        but the layout (which a new trainable param extends). One walk over the params serves both (it runs on
+        every micro-step: Python per param is what this costs)."""
         found: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for group in self.param_groups:
+        trainable: list[tuple[int, torch.Tensor]] = []
+        by_param = self._by_param
+        position = 0
+        for group in self._inner.param_groups:
             for p in group["params"]:
                 grad = p.grad
-                if grad is None:
-                    continue
-                _check_grad(p, grad)
-                found.append((p, grad))
-        self._sync_layout()
+                if grad is not None:
+                    _check_grad(p, grad)
+                    found.append((p, grad))
+                if _is_trainable(p, grad, by_param):
+                    trainable.append((position, p))
+                position += 1
+        self._sync_layout(trainable=trainable)
+        by_param, fsdp = self._by_param, self._fsdp
         out = []
         for p, grad in found:
-            entry = self._by_param[id(p)]
-            grad = local_grad(p, grad)
-            out.append((entry, grad if grad.is_contiguous() else grad.contiguous()))
+            if fsdp:
+                grad = local_grad(p, grad)
+            out.append((by_param[id(p)], grad if grad.is_contiguous() else grad.contiguous()))
         return out
 
     def _check_weighting(self, weighted: bool) -> None:
@@ -830,7 +836,7 @@ class GradAccumulator(torch.optim.Optimizer):
         previous window."""
         calls: dict[tuple[torch.device, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for entry, grad in grads:
-            first = not self._touched[self._entry_index(entry)]
+            first = not self._touched[entry.index]
             masters, grad_list = calls.setdefault((entry.key[0], first), ([], []))
             masters.append(entry.view)
             grad_list.append(grad)
@@ -1065,24 +1071,22 @@ class GradAccumulator(torch.optim.Optimizer):
         for flag in self._found_inf.values():
             flag.zero_()
 
-    def _entry_index(self, entry: _Entry) -> int:
-        return self._index_of[id(entry)]
-
     # --------------------------------------------------------------------------------------------- layout
     def _trainable(self) -> list[tuple[int, torch.Tensor]]:
+        """(position in the flattened param_groups, param) of every param that gets a master."""
         out = []
         position = 0
         for group in self._inner.param_groups:
             for p in group["params"]:
-                old = self._by_param.get(id(p))
-                if p.requires_grad or p.grad is not None or (old is not None and old.param is p):
+                if _is_trainable(p, p.grad, self._by_param):
                     out.append((position, p))
                 position += 1
         return out
 
-    def _sync_layout(self, force: bool = False) -> None:
+    def _sync_layout(self, force: bool = False, trainable: list[tuple[int, torch.Tensor]] | None = None) -> None:
         """(Re)build the master buffers when the trainable params changed; keeps the window's partial sums."""
-        trainable = self._trainable()
+        if trainable is None:
+            trainable = self._trainable()
         signature = self._layout_signature(trainable)
         if not force and signature == self._signature:
             return
@@ -1123,15 +1127,14 @@ class GradAccumulator(torch.optim.Optimizer):
             if old is not None:
                 view.copy_(old.view)
                 master_weight, version = old.master_weight, old.version
-                touched.append(self._touched[self._index_of[id(old)]])
+                touched.append(self._touched[old.index])
             else:
                 touched.append(False)
             if self._master_weights and p.dtype != torch.float32 and master_weight is None:
                 master_weight = self._new_master_weight(p)
-            entries.append(_Entry(p, position, key, offset, view, master_weight, version))
+            entries.append(_Entry(p, position, key, offset, view, master_weight, version, len(entries)))
         self._entries = entries
         self._by_param = {id(e.param): e for e in entries}
-        self._index_of = {id(e): i for i, e in enumerate(entries)}
         self._buffers = buffers
         self._touched = touched
         if shard_groups:
@@ -1185,7 +1188,7 @@ class GradAccumulator(torch.optim.Optimizer):
         free the grad. Distributed: the masters keep raw sums (as in the default mode) and, in the window's last
         micro-step, each bucket's all-reduce is issued as soon as its params are final."""
         device = entry.key[0]
-        index = self._entry_index(entry)
+        index = entry.index
         key = id(entry.param)
         # Known before backward: the window's last micro-step is the one step() will count as the last.
         last = self._micro_step + 1 == self._accumulation_steps
@@ -1273,8 +1276,17 @@ def _aligned(offset: int) -> int:
     return (offset + _VIEW_ALIGNMENT_ELEMENTS - 1) // _VIEW_ALIGNMENT_ELEMENTS * _VIEW_ALIGNMENT_ELEMENTS
 
 
+def _is_trainable(p: torch.Tensor, grad: torch.Tensor | None, by_param: dict[int, _Entry]) -> bool:
+    """Whether ``p`` gets a master: it requires grad, or has one, or had a master already (a param frozen
+    mid-window keeps its partial sum until the window ends)."""
+    if p.requires_grad or grad is not None:
+        return True
+    old = by_param.get(id(p))
+    return old is not None and old.param is p
+
+
 def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
-    if grad.layout != torch.strided or grad.is_sparse:
+    if grad.layout != torch.strided:
         raise ValueError(
             f"fusedaccum: a parameter of shape {tuple(p.shape)} has a sparse ({grad.layout}) gradient; "
             "GradAccumulator accumulates dense gradients only (e.g. nn.Embedding(sparse=False))"

@@ -13,6 +13,7 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -223,6 +224,7 @@ def check_ddp_params_covered(ddp_module: torch.nn.Module, optimizer: torch.optim
         )
 
 
+@functools.cache
 def _dtensor_type() -> type:
     try:
         from torch.distributed.tensor import DTensor

@@ -534,7 +534,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 # A param got a second grad after its master was final: its sumsq term is out of date. Recount all
                 # (post_scale 1 leaves the masters as they are); rare, one read+write pass.
                 self._zero_sumsq()
-                self._scale_masters_only_([e for e, t in zip(self._entries, self._touched) if t], 1.0)
+                self._scale_masters_only_(self._touched_entries(), 1.0)
         self._weight_sum += 1.0
         self._micro_step += 1
         self._fresh.clear()
@@ -574,7 +574,7 @@ class GradAccumulator(torch.optim.Optimizer):
             raise RuntimeError(self._no_grads_message(f"flush() after {self._micro_step} micro-steps"))
         self._stepped = False
         self._zero_sumsq()
-        self._scale_masters_only_([e for e, t in zip(self._entries, self._touched) if t], self._post_scale())
+        self._scale_masters_only_(self._touched_entries(), self._post_scale())
         self._finish_window()
         return self._stepped
 
@@ -824,6 +824,10 @@ class GradAccumulator(torch.optim.Optimizer):
         inv_scale = scaler._scale.double().reciprocal().float().reshape(1)
         return inv_scale * w if w != 1.0 else inv_scale
 
+    def _touched_entries(self) -> list[_Entry]:
+        """The params that received a gradient in the current window."""
+        return [e for e, t in zip(self._entries, self._touched) if t]
+
     def _zero_sumsq(self) -> None:
         for t in self._sumsq.values():
             t.zero_()
@@ -977,7 +981,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._found_inf[device].fill_(1.0 if overflow else 0.0)
         self._zero_sumsq()
         if not overflow:  # a skipped window needs no scaling
-            self._scale_masters_only_([e for e, t in zip(entries, self._touched) if t], self._post_scale())
+            self._scale_masters_only_(self._touched_entries(), self._post_scale())
         return self._finish_window()
 
     def _update_scaler(self, found: torch.Tensor) -> None:
@@ -990,10 +994,9 @@ class GradAccumulator(torch.optim.Optimizer):
         scaler.update()
 
     def _step_inner(self) -> Any:
-        touched = [e for e, t in zip(self._entries, self._touched) if t]
         casts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         holders: list[torch.Tensor] = []
-        for e in touched:
+        for e in self._touched_entries():
             if e.master_weight is not None:
                 e.master_weight.grad = e.view
                 holders.append(e.master_weight)
@@ -1097,7 +1100,7 @@ class GradAccumulator(torch.optim.Optimizer):
                     f"fusedaccum: a trainable parameter of shape {tuple(p.shape)} is {p.dtype}; GradAccumulator "
                     f"supports {', '.join(str(d) for d in _FLOAT_DTYPES)} parameters (float32 masters)"
                 )
-            if p.is_sparse or p.layout != torch.strided:
+            if p.layout != torch.strided:
                 raise ValueError("fusedaccum: GradAccumulator supports dense (strided) parameters only")
         shard_groups = {id(g): g for g in (fsdp_mesh_group(p, self._fsdp) for _, p in trainable) if g is not None}
         if len(shard_groups) > 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,15 @@ def _assert_buckets_tile(buckets: list[torch.Tensor], buffer: torch.Tensor, what
     assert stop == buffer.data_ptr(), f"{what}: the buckets miss the start of the buffer"
 
 
+def _batches(seed: int, world: int, windows: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Fresh inputs and targets for every micro-batch: ``data[k][r, i]`` is rank r's micro-step i of window k
+    (ROWS rows each). The same on every rank and in the reference, which sees them all."""
+    gen = torch.Generator().manual_seed(seed)
+    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
+    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    return data, targets
+
+
 class _CountAllReduce:
     """Replaces torch.distributed.all_reduce (which the wrapper looks up at call time) and logs every call, and
     every wait on an asynchronous one, in order (``events``: "issue" / "wait")."""
@@ -119,10 +129,8 @@ class _LoggedWork:
 def _scenario_plain(rank: int, world: int) -> None:
     """process_group="default", unweighted mean, global-norm clipping, a NaN on the last rank in window 1, a short
     window flushed at the end: equivalence, collective counts, same skip everywhere, bit-identical replicas."""
-    gen = torch.Generator().manual_seed(1)
     windows = [W, W, W, W - 1]  # micro-steps per window on every rank; the last one is short and flushed
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(1, world, windows)
     nan_window = 1
 
     model, ref = _model(), _model()
@@ -221,54 +229,26 @@ def _scenario_ddp_checkpoint(rank: int, world: int) -> None:
     window 1, a fresh model/DDP/optimizer/wrapper (other initial weights) loads them and trains on; the weights
     are bit-identical to a run that never stopped. The run ends with a short window flushed under DDP, checked
     against the single-process large batch."""
-    gen = torch.Generator().manual_seed(3)
     windows = [W, W, W - 1]  # the last window is short: flush() must divide by world x (W - 1)
     cut_window, cut = 1, 1  # save after micro-step 1 of window 1: the masters hold one rank-local partial sum
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(3, world, windows)
     schedule = [(k, i) for k, n in enumerate(windows) for i in range(n)]
 
-    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, fusedaccum.GradAccumulator]:
+    def build(seed: int) -> tuple[torch.nn.Module, fusedaccum.GradAccumulator]:
         torch.manual_seed(seed)
         ddp = torch.nn.parallel.DistributedDataParallel(
             torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
         )
-        inner = _sgd(ddp)
-        return ddp, inner, fusedaccum.GradAccumulator(inner, W, ddp_module=ddp)
-
-    def train(model: torch.nn.Module, acc: fusedaccum.GradAccumulator, steps: list[tuple[int, int]]) -> None:
-        for k, i in steps:
-            F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
-            acc.step()
-            acc.zero_grad()
-            if i + 1 == windows[k] and windows[k] < W:
-                assert acc.flush(), f"window {k}: the short window was not applied"
+        return ddp, fusedaccum.GradAccumulator(_sgd(ddp), W, ddp_module=ddp)
 
     # The run that never stops (seed 0: the reference's initial weights).
-    whole, whole_opt, whole_acc = build(0)
-    grads = _record_grads(whole_opt)
-    train(whole, whole_acc, schedule)
-
-    # The interrupted run: the same start, stopped mid-window, checkpointed through torch.save.
-    split = schedule.index((cut_window, cut)) + 1
-    first, _, first_acc = build(0)
-    train(first, first_acc, schedule[:split])
-    assert first_acc.micro_step == cut + 1 and not first_acc.stepped
-    blob = io.BytesIO()
-    torch.save({"model": first.module.state_dict(), "acc": first_acc.state_dict()}, blob)
-    del first, first_acc
-    blob.seek(0)
-    saved = torch.load(blob, weights_only=True)
-
-    # Other initial weights (seed 5), so nothing carries over but what the checkpoint holds.
-    resumed, _, resumed_acc = build(5)
-    assert not torch.equal(next(resumed.parameters()), next(whole.parameters()))
-    resumed.module.load_state_dict(saved["model"])
-    resumed_acc.load_state_dict(saved["acc"])
-    assert resumed_acc.micro_step == cut + 1
-    train(resumed, resumed_acc, schedule[split:])
-    for p, q in zip(resumed.parameters(), whole.parameters()):
-        assert torch.equal(p, q), "resumed mid-window: weights differ from the run that never stopped"
+    whole, whole_acc = build(0)
+    grads = _record_grads(whole_acc.optimizer)
+    _train_schedule(whole, whole_acc, schedule, data, targets, windows, rank)
+    resumed = _assert_resumes_bitwise(
+        whole, build, schedule, schedule.index((cut_window, cut)) + 1, (data, targets, windows, rank),
+        state_of=lambda ddp: ddp.module, weights_only=True, what="ddp checkpoint",
+    )
     _assert_replicas_identical(resumed, world, "ddp checkpoint")
 
     ref = _model()
@@ -279,6 +259,59 @@ def _scenario_ddp_checkpoint(rank: int, world: int) -> None:
         F.mse_loss(ref(data[k].reshape(-1, 7)), targets[k].reshape(-1, 5)).backward()
         ref_opt.step()
     _assert_rel_close(whole.module, ref, grads, ref_grads, "ddp checkpoint (short last window)")
+
+
+def _train_schedule(
+    model: torch.nn.Module, acc: fusedaccum.GradAccumulator, steps: list[tuple[int, int]],
+    data: list[torch.Tensor], targets: list[torch.Tensor], windows: list[int], rank: int,
+) -> None:
+    """This rank's micro-steps ``steps`` ((window, micro-step) pairs); a short window is flushed at its end."""
+    for k, i in steps:
+        F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+        acc.step()
+        acc.zero_grad()
+        if i + 1 == windows[k] and windows[k] < W:
+            assert acc.flush(), f"window {k}: the short window was not applied"
+
+
+def _assert_resumes_bitwise(
+    whole: torch.nn.Module,
+    build: Callable[[int], tuple[torch.nn.Module, fusedaccum.GradAccumulator]],
+    schedule: list[tuple[int, int]],
+    split: int,
+    batches: tuple[list[torch.Tensor], list[torch.Tensor], list[int], int],
+    state_of: Callable[[torch.nn.Module], torch.nn.Module],
+    weights_only: bool,
+    what: str,
+) -> torch.nn.Module:
+    """Checkpoint mid-window: ``build(0)`` trained for the first ``split`` micro-steps of ``schedule`` (stopping
+    mid-window), saved through torch.save (``state_of(model)``'s state and ``acc.state_dict()``), loaded into
+    ``build(5)`` (other initial weights, so nothing carries over but what the checkpoint holds) and trained on,
+    ends bit-identical to ``whole``, the run that never stopped. Returns the resumed model."""
+    first, first_acc = build(0)
+    _train_schedule(first, first_acc, schedule[:split], *batches)
+    micro_step = first_acc.micro_step
+    assert micro_step == schedule[split - 1][1] + 1 and not first_acc.stepped, f"{what}: not stopped mid-window"
+    blob = io.BytesIO()
+    torch.save({"model": state_of(first).state_dict(), "acc": first_acc.state_dict()}, blob)
+    del first, first_acc
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=weights_only)
+
+    resumed, resumed_acc = build(5)
+    assert not torch.equal(_local(next(resumed.parameters())), _local(next(whole.parameters())))
+    state_of(resumed).load_state_dict(saved["model"])
+    resumed_acc.load_state_dict(saved["acc"])
+    assert resumed_acc.micro_step == micro_step
+    _train_schedule(resumed, resumed_acc, schedule[split:], *batches)
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(_local(p), _local(q)), f"{what}: resumed mid-window, the weights differ"
+    return resumed
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: an FSDP2 shard's local tensor, else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _Branchy(torch.nn.Module):
@@ -312,10 +345,8 @@ def _scenario_overlap_bitwise(rank: int, world: int) -> None:
     """accumulate_in_backward under DDP: the last backward issues the buckets as their params become final (the
     first before the backward reaches the body), step() adds only the metadata; the weights equal the default
     distributed mode's bit for bit."""
-    gen = torch.Generator().manual_seed(4)
     windows = [W, W, W - 1]  # the last one short, flushed
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(4, world, windows)
     cap = BUCKET * 4 / 2**20
 
     plain, hooked = _Branchy(), torch.nn.parallel.DistributedDataParallel(_Branchy())
@@ -366,10 +397,8 @@ def _scenario_overlap_edges(rank: int, world: int) -> None:
     last micro-step after the buckets were issued (the second one's grads are reduced at step() on every rank), a
     short window in which a layer gets no grad anywhere, parameters added while the reduction is under way
     (refused, nothing changed): equal to the single-process large batch."""
-    gen = torch.Generator().manual_seed(5)
     windows = [W, W, W, W, W - 1]
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(5, world, windows)
     use = [[[True] * n for _ in range(world)] for n in windows]
     use[1][world - 1][W - 1] = False  # unused on the last rank in window 1's last micro-step
     use[4] = [[False] * windows[4] for _ in range(world)]  # unused everywhere in the short last window
@@ -458,10 +487,8 @@ def _scenario_fsdp(rank: int, world: int) -> None:
     the single-process large batch (3 ranks shard unevenly)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    gen = torch.Generator().manual_seed(6)
     windows = [W, W, W, W - 1]
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(6, world, windows)
     nan_window = 1
 
     model, ref = _model(), _model()
@@ -523,10 +550,8 @@ def _scenario_fsdp_checkpoint(rank: int, world: int) -> None:
     loads them and trains on; its shards are bit-identical to a run that never stopped."""
     from torch.distributed.fsdp import fully_shard
 
-    gen = torch.Generator().manual_seed(7)
     windows = [W, W, W - 1]
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(7, world, windows)
     schedule = [(k, i) for k, n in enumerate(windows) for i in range(n)]
 
     def build(seed: int) -> tuple[torch.nn.Module, fusedaccum.GradAccumulator]:
@@ -535,29 +560,13 @@ def _scenario_fsdp_checkpoint(rank: int, world: int) -> None:
         fully_shard(model, mesh=_cpu_mesh(world))
         return model, fusedaccum.GradAccumulator(_sgd(model), W, max_grad_norm=MAX_NORM, fsdp_module=model)
 
-    def train(model: torch.nn.Module, acc: fusedaccum.GradAccumulator, steps: list[tuple[int, int]]) -> None:
-        for k, i in steps:
-            F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
-            acc.step()
-            if i + 1 == windows[k] and windows[k] < W:
-                assert acc.flush()
-
     whole, whole_acc = build(0)
-    train(whole, whole_acc, schedule)
-    split = schedule.index((1, 1)) + 1
-    first, first_acc = build(0)
-    train(first, first_acc, schedule[:split])
-    blob = io.BytesIO()
-    torch.save({"model": first.state_dict(), "acc": first_acc.state_dict()}, blob)
-    blob.seek(0)
-    saved = torch.load(blob, weights_only=False)  # DTensors; the test's own file
-    resumed, resumed_acc = build(5)
-    resumed.load_state_dict(saved["model"])
-    resumed_acc.load_state_dict(saved["acc"])
-    assert resumed_acc.micro_step == 2
-    train(resumed, resumed_acc, schedule[split:])
-    for p, q in zip(resumed.parameters(), whole.parameters()):
-        assert torch.equal(p.to_local(), q.to_local()), "fsdp resumed mid-window: shards differ"
+    _train_schedule(whole, whole_acc, schedule, data, targets, windows, rank)
+    # weights_only=False: the sharded state dicts hold DTensors (the test's own file).
+    _assert_resumes_bitwise(
+        whole, build, schedule, schedule.index((1, 1)) + 1, (data, targets, windows, rank),
+        state_of=lambda model: model, weights_only=False, what="fsdp checkpoint",
+    )
 
 
 def _scenario_fsdp_in_backward(rank: int, world: int) -> None:
@@ -566,10 +575,8 @@ def _scenario_fsdp_in_backward(rank: int, world: int) -> None:
     mode's bit for bit (no clipping: the norm is summed per param in this mode)."""
     from torch.distributed.fsdp import fully_shard
 
-    gen = torch.Generator().manual_seed(8)
     windows = [W, W, W - 1]
-    data = [torch.randn(world, n, ROWS, 7, generator=gen) for n in windows]
-    targets = [torch.randn(world, n, ROWS, 5, generator=gen) for n in windows]
+    data, targets = _batches(8, world, windows)
     plain, hooked = _model(), _model()
     for model in (plain, hooked):
         fully_shard(model[0], mesh=_cpu_mesh(world))

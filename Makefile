@@ -9,11 +9,13 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.14.1
 CPU_TORCH_VERSION ?= 2.13.0
 CPU_VENV ?= .venv-cputorch
+OLDEST_TORCH_VERSION ?= 2.11.0
+OLDEST_VENV ?= .venv-oldest
 TOOLS = ninja pybind11 pytest hypothesis numpy matplotlib tqdm packaging setuptools wheel
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all build test test-slow bench check-cpu-torch lint clean
+.PHONY: all build test test-slow bench check-cpu-torch check-oldest-torch lint clean
 
 all: test
 
@@ -45,8 +47,7 @@ check-cpu-torch:
 	@test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
 	$(CPU_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(CPU_VENV)/bin/python -m pip install --quiet torch==$(CPU_TORCH_VERSION) pytest hypothesis setuptools wheel ninja
-	@rm -rf $(CPU_VENV)/src && mkdir -p $(CPU_VENV)/src
-	@git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(CPU_VENV)/src
+	$(call copy_tree,$(CPU_VENV))
 	@cd $(CPU_VENV)/src && if FUSEDACCUM_BUILD_CUDA=1 ../bin/python setup.py --version > ../refusal.log 2>&1; then \
 		echo "FUSEDACCUM_BUILD_CUDA=1 with a CPU-only torch should have failed"; exit 1; fi; \
 		tail -1 ../refusal.log
@@ -56,6 +57,26 @@ check-cpu-torch:
 	@# info from outside src/: `python -m` puts the working directory first on sys.path (the unbuilt copy)
 	cd $(CPU_VENV) && bin/python -m fusedaccum.info
 	cd $(CPU_VENV)/src && ../bin/pytest tests/test_ops.py
+
+# The oldest torch and triton supported (2.11.0 + 3.6.0, what the GPU machine has): the whole suite, built with
+# FUSEDACCUM_BUILD_CUDA as set (CI: 1, so the CUDA sources compile against 2.11's headers too), from a copy of
+# the tree installed editable there, so spawned workers and subprocesses import the built copy.
+check-oldest-torch:
+	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==$(OLDEST_TORCH_VERSION) $(TOOLS)
+	$(call copy_tree,$(OLDEST_VENV))
+	cd $(OLDEST_VENV)/src && ../bin/python -m pip install --no-build-isolation --no-deps -v -e . > ../build.log 2>&1 \
+		|| { tail -40 ../build.log; exit 1; }
+	@grep -h "fusedaccum setup" $(OLDEST_VENV)/build.log | sort -u
+	cd $(OLDEST_VENV)/src && ../bin/python -m fusedaccum.info
+	cd $(OLDEST_VENV)/src && ../bin/pytest
+
+# A copy of the tracked and untracked-but-not-ignored files in $(1)/src.
+define copy_tree
+	@rm -rf $(1)/src && mkdir -p $(1)/src
+	@git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(1)/src
+endef
 
 lint:
 	$(VENV)/bin/python -m pip install --quiet ruff

@@ -3,13 +3,13 @@
 #   build fusedaccum in place with the CUDA kernels, run the whole test suite (CUDA and Triton tests included),
 #   run the benchmarks. Results land in benchmarks/results/ (commit them); logs go to $OUT when it is set.
 #
-#   bash benchmarks/gpu_run.sh            # from anywhere; PYTHON=... to pick the interpreter
+#   bash benchmarks/gpu_run.sh            # from anywhere; PYTHON=... to pick the interpreter (default python3)
 #
 # Budget (seconds, overridable): build BUILD_S, tests TEST_S; the benchmarks get what is left of TOTAL_S.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}  # the GPU image has python3 (the one holding torch), maybe no plain python
 TOTAL_S=${TOTAL_S:-570}
 BUILD_S=${BUILD_S:-240}
 TEST_S=${TEST_S:-180}

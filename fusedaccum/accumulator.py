@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import threading
 import weakref
 from collections import OrderedDict
@@ -88,6 +89,26 @@ class _Entry:
     master_weight: torch.Tensor | None  # float32 copy of a bf16/fp16 param when master_weights=True
     version: int  # param._version when master_weight was last known to match the param
     index: int  # position in the wrapper's entry list (what _touched and the bucket plan are indexed by)
+
+
+class _Walk(NamedTuple):
+    """The params as _collect_grads last walked them, and each one's entry (None: not trainable)."""
+
+    params: list[torch.Tensor]  # the param_groups' params, flattened
+    group_sizes: list[int]
+    requires_grad: list[bool]
+    entry_at: list[_Entry | None]
+
+    def same_params(self, groups: list[dict[str, Any]], params: list[torch.Tensor]) -> bool:
+        """Whether ``params`` (flattened from ``groups``) are these, in these groups, with the same
+        requires_grad: then the trainable set is the same unless a param without an entry got a grad. (The group
+        sizes mirror _layout_signature, so the reused walk never leaves the signature stale.)"""
+        return (
+            len(params) == len(self.params)
+            and all(map(operator.is_, params, self.params))
+            and [len(g["params"]) for g in groups] == self.group_sizes
+            and [p.requires_grad for p in params] == self.requires_grad
+        )
 
 
 class GradAccumulator(torch.optim.Optimizer):
@@ -288,6 +309,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._touched: list[bool] = []  # per entry: got a grad in the current window
         self._found_inf: dict[torch.device, torch.Tensor] = {}
         self._sumsq: dict[torch.device, torch.Tensor] = {}
+        self._walk: _Walk | None = None  # what _collect_grads needs to know the layout is unchanged
         self._sync_layout(force=True)
         if ddp_module is not None:
             check_ddp_params_covered(ddp_module, self._inner)
@@ -378,6 +400,7 @@ class GradAccumulator(torch.optim.Optimizer):
         state["_hook_handles"] = []
         state["_hook_scale"] = None
         state["_hook_lock"] = None  # locks do not copy; __setstate__ makes a fresh one
+        state["_walk"] = None  # holds the original params; the copy's first step rebuilds it
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -501,9 +524,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._stepped = False
         self._weighted = weight is not None
         self._weight_sum += w
+        touched = self._touched
         for entry, _ in grads:
             entry.param.grad = None  # consumed: the next backward writes a fresh grad, no zeroing pass needed
-            self._touched[entry.index] = True
+            touched[entry.index] = True
         if local_last:
             # Params that got a grad earlier in the window but not now still need the 1/W and the norm.
             fresh = {id(entry) for entry, _ in grads}
@@ -774,28 +798,54 @@ class GradAccumulator(torch.optim.Optimizer):
 
     def _collect_grads(self) -> list[tuple[_Entry, torch.Tensor]]:
         """The (entry, dense contiguous grad) pairs of this micro-step; validates everything, changes nothing
-        but the layout (which a new trainable param extends). One walk over the params serves both (it runs on
-        every micro-step: Python per param is what this costs)."""
-        found: list[tuple[torch.Tensor, torch.Tensor]] = []
-        trainable: list[tuple[int, torch.Tensor]] = []
+        but the layout (which a new trainable param extends).
+
+        It runs on every micro-step, and Python per param is what it costs: when the params, their groups and
+        their requires_grad are the ones of the last micro-step (one pass of list comprehensions tells), the
+        layout cannot have changed and the grads are paired with the entries of the last walk (with the single-call
+        path of _accumulate_calls, step() for 2048 tiny params went from 4.8 to 3.4 ms, for 148 from 380 to 280 us:
+        torch.utils.benchmark medians on the 2-core AMD EPYC CI machine)."""
+        groups = self._inner.param_groups
+        params = [p for g in groups for p in g["params"]]
+        grads = [p.grad for p in params]
+        walk = self._walk
+        if walk is not None and walk.same_params(groups, params):
+            out = self._pair_grads(walk, grads)
+            if out is not None:
+                return out
+        # Something may have changed: check every grad before anything else changes, then the layout.
         by_param = self._by_param
-        position = 0
-        for group in self._inner.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is not None:
-                    _check_grad(p, grad)
-                    found.append((p, grad))
-                if _is_trainable(p, grad, by_param):
-                    trainable.append((position, p))
-                position += 1
+        for p, grad in zip(params, grads):
+            if grad is not None:
+                _check_grad(p, grad)
+        trainable = [
+            (position, p) for position, (p, grad) in enumerate(zip(params, grads)) if _is_trainable(p, grad, by_param)
+        ]
         self._sync_layout(trainable=trainable)
-        by_param, fsdp = self._by_param, self._fsdp
+        entry_at: list[_Entry | None] = [None] * len(params)
+        for position, p in trainable:
+            entry_at[position] = self._by_param[id(p)]
+        self._walk = walk = _Walk(params, [len(g["params"]) for g in groups], [p.requires_grad for p in params],
+                                  entry_at)
+        out = self._pair_grads(walk, grads)
+        assert out is not None, "every param with a grad is trainable, so it has an entry"
+        return out
+
+    def _pair_grads(self, walk: _Walk, grads: list[torch.Tensor | None]) -> list[tuple[_Entry, torch.Tensor]] | None:
+        """The grads paired with the walk's entries, checked; None if a grad belongs to a param without an entry
+        (a frozen param got one: the layout grows). Changes nothing."""
+        fsdp = self._fsdp
         out = []
-        for p, grad in found:
+        for entry, p, grad in zip(walk.entry_at, walk.params, grads):
+            if grad is None:
+                continue
+            if grad.layout is not torch.strided or grad.dtype not in _FLOAT_DTYPES:
+                _check_grad(p, grad)  # raises, naming the param
+            if entry is None:
+                return None
             if fsdp:
                 grad = local_grad(p, grad)
-            out.append((by_param[id(p)], grad if grad.is_contiguous() else grad.contiguous()))
+            out.append((entry, grad if grad.is_contiguous() else grad.contiguous()))
         return out
 
     def _check_weighting(self, weighted: bool) -> None:
@@ -838,9 +888,17 @@ class GradAccumulator(torch.optim.Optimizer):
         """The micro-step's accumulate_ calls: (device, overwrite, masters, grads). A param's first grad of the
         window overwrites its master, whatever micro-step that is: no zeroing pass, and no stale values from the
         previous window."""
+        touched = self._touched
+        devices = {key[0] for key in self._buffers}
+        if grads and len(devices) == 1:
+            # The common case, one device and every param at the same point of its window: one call, built
+            # without a per-param dict lookup.
+            firsts = [not touched[entry.index] for entry, _ in grads]
+            if all(firsts) or not any(firsts):
+                return [(devices.pop(), firsts[0], [entry.view for entry, _ in grads], [g for _, g in grads])]
         calls: dict[tuple[torch.device, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for entry, grad in grads:
-            first = not self._touched[entry.index]
+            first = not touched[entry.index]
             masters, grad_list = calls.setdefault((entry.key[0], first), ([], []))
             masters.append(entry.view)
             grad_list.append(grad)
@@ -1138,6 +1196,7 @@ class GradAccumulator(torch.optim.Optimizer):
             entries.append(_Entry(p, position, key, offset, view, master_weight, version, len(entries)))
         self._entries = entries
         self._by_param = {id(e.param): e for e in entries}
+        self._walk = None
         self._buffers = buffers
         self._touched = touched
         if shard_groups:

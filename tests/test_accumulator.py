@@ -645,6 +645,57 @@ def test_add_param_group_mid_run():
     assert not torch.equal(model[2].weight, make_model()[2].weight)
 
 
+def test_reused_walk_sees_every_layout_change():
+    """step() reuses its last walk over the params while the params, their groups and their requires_grad are
+    unchanged. Every other change between micro-steps must take the full walk: a wrapper that reuses it and one
+    forced to walk in full every time keep the same layout after every micro-step and end bit-identical, through
+    a frozen param given a grad by hand, a param swapped for a new one in its group, an idle frozen param
+    unfrozen (it gets a master before it gets a grad), a param moved to another group, and freezing and
+    unfreezing."""
+    xs, ys = make_data(3, seed=61)
+    models = [make_model(), make_model()]
+    for m in models:
+        m[2].bias.requires_grad_(False)
+    idles = [nn.Parameter(torch.zeros(5), requires_grad=False) for _ in models]
+    accs = [GradAccumulator(torch.optim.SGD([{"params": [m[0].weight, m[0].bias, m[2].bias]},
+                                             {"params": [m[2].weight, idle], "lr": 0.05}], lr=0.1), N, backend="cpu")
+            for m, idle in zip(models, idles)]
+    spares = [nn.Parameter(torch.randn(D_HID, generator=torch.Generator().manual_seed(3))) for _ in models]
+    extra = torch.Generator().manual_seed(4)
+
+    def layout(acc: GradAccumulator) -> list:
+        return [(b.offsets, [tuple(p.shape) for p in b.params]) for b in acc.master_grad_buffers()]
+
+    for k in range(3 * N):
+        hand_grad = torch.randn(D_OUT, generator=extra)
+        spare_grad = torch.randn(D_HID, generator=extra)
+        for m, acc, spare, idle in zip(models, accs, spares, idles):
+            groups = acc.param_groups
+            if k == 1:  # the frozen bias (no master) gets a grad by hand: it joins the layout
+                m[2].bias.grad = hand_grad.clone()
+            if k == 4:  # a new param takes the first layer's bias's place, same group, same count
+                groups[0]["params"][1] = spare
+            if k == 5:  # trainable now, so it gets a master, though no grad reaches it
+                idle.requires_grad_(True)
+            if k == 6:  # the last param of group 0 moves to group 1: same flat order, other group sizes
+                groups[1]["params"].insert(0, groups[0]["params"].pop())
+            if k == 7:
+                m[2].weight.requires_grad_(False)
+            if k == 9:
+                m[2].weight.requires_grad_(True)
+            loss_of(m, xs[k // N, k % N], ys[k // N, k % N]).backward()
+            if k >= 4:
+                spare.grad = spare_grad.clone()
+        accs[1]._walk = None  # the full walk
+        for acc in accs:
+            acc.step()
+        assert layout(accs[0]) == layout(accs[1]), f"micro-step {k}"
+    for a, b in zip([*models[0].parameters(), spares[0]], [*models[1].parameters(), spares[1]]):
+        assert torch.equal(a, b)
+    assert not torch.equal(spares[0], torch.randn(D_HID, generator=torch.Generator().manual_seed(3)))
+    assert sum(len(b.params) for b in accs[0].master_grad_buffers()) == 5  # the swapped-out bias gone, idle in
+
+
 def test_master_buffers_layout():
     """One flat fp32 buffer per (device, dtype) group; per-parameter views in param order; the masters of a
     mixed fp32/bf16 model live in two buffers."""

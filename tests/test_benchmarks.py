@@ -154,3 +154,22 @@ def test_plots_module_replots(tiny_run: tuple[dict, Path, str], tmp_path: Path) 
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proc.stdout.split()) == 3 and all(Path(p).exists() for p in proc.stdout.split())
+
+
+def test_time_budget_skips_the_cases_left_and_says_so() -> None:
+    """A spent budget starts no further case; each one left is reported as skipped, none silently dropped (the
+    default CPU run keeps its 3 minutes this way)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        import torch
+
+        from benchmarks import bench_accumulate
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    device = torch.device("cpu")
+    plan = bench_accumulate.plan("tiny", device)
+    section = bench_accumulate.run(plan, device, copy_GBps=1.0, deadline=0.0)
+    assert section["results"] == []
+    budget_skips = [s for s in section["skipped"] if "time budget" in s["reason"]]
+    cases = sum(len(w.variants) for w in plan.workloads) * len(plan.providers)
+    assert len(budget_skips) == cases > 0

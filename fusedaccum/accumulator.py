@@ -814,13 +814,10 @@ class GradAccumulator(torch.optim.Optimizer):
             if out is not None:
                 return out
         # Something may have changed: check every grad before anything else changes, then the layout.
-        by_param = self._by_param
         for p, grad in zip(params, grads):
             if grad is not None:
                 _check_grad(p, grad)
-        trainable = [
-            (position, p) for position, (p, grad) in enumerate(zip(params, grads)) if _is_trainable(p, grad, by_param)
-        ]
+        trainable = self._trainable(params, grads)
         self._sync_layout(trainable=trainable)
         entry_at: list[_Entry | None] = [None] * len(params)
         for position, p in trainable:
@@ -1133,16 +1130,19 @@ class GradAccumulator(torch.optim.Optimizer):
             flag.zero_()
 
     # --------------------------------------------------------------------------------------------- layout
-    def _trainable(self) -> list[tuple[int, torch.Tensor]]:
-        """(position in the flattened param_groups, param) of every param that gets a master."""
-        out = []
-        position = 0
-        for group in self._inner.param_groups:
-            for p in group["params"]:
-                if _is_trainable(p, p.grad, self._by_param):
-                    out.append((position, p))
-                position += 1
-        return out
+    def _trainable(
+        self, params: list[torch.Tensor] | None = None, grads: list[torch.Tensor | None] | None = None
+    ) -> list[tuple[int, torch.Tensor]]:
+        """(position in the flattened param_groups, param) of every param that gets a master; ``params`` and
+        their ``grads`` when the caller has read them already."""
+        if params is None:
+            params = [p for g in self._inner.param_groups for p in g["params"]]
+        if grads is None:
+            grads = [p.grad for p in params]
+        by_param = self._by_param
+        return [
+            (position, p) for position, (p, grad) in enumerate(zip(params, grads)) if _is_trainable(p, grad, by_param)
+        ]
 
     def _sync_layout(self, force: bool = False, trainable: list[tuple[int, torch.Tensor]] | None = None) -> None:
         """(Re)build the master buffers when the trainable params changed; keeps the window's partial sums."""

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <optional>
@@ -27,16 +28,29 @@ inline bool no_overlap(std::vector<std::pair<uintptr_t, uintptr_t>>& spans) {
   return true;
 }
 
+inline std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {start, start + static_cast<uintptr_t>(t.numel() * t.element_size())};
+}
+
 inline void add_span(std::vector<std::pair<uintptr_t, uintptr_t>>& spans, const at::Tensor& t) {
   if (t.numel() == 0) return;
-  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  spans.emplace_back(start, start + static_cast<uintptr_t>(t.numel() * t.element_size()));
+  spans.push_back(span_of(t));
+}
+
+// Whether the kernels may write t in place as torch itself would allow: not a tensor that requires grad, and
+// not an inference tensor outside inference mode. Conservative for the grads (written only with zero_grads,
+// which this check does not see): a "no" only sends the call through ops.py's own checks.
+inline bool writable(const at::Tensor& t) {
+  return !t.requires_grad() && (!t.is_inference() || c10::InferenceMode::is_enabled());
 }
 
 // dsts[i] / srcs[i]: same shape, one device, contiguous, dense; dst dtype float32 (or any grad dtype when
 // dst_any_float), src dtype float32/bf16/fp16; the optional one-element float32 scalars on that device; and
-// no two tensors sharing memory (scalars_read are exempt: they are only read).
+// every tensor writable (accumulate_: check_writable; copy_ leaves that to torch's own copy); no two tensors sharing memory (scalars_read may share memory with each other, being
+// only read, but not with anything written).
 inline bool pairs_valid(const std::vector<at::Tensor>& dsts, const std::vector<at::Tensor>& srcs, bool dst_any_float,
+                        bool check_writable,
                         const std::vector<std::optional<at::Tensor>>& scalars_read,
                         const std::vector<std::optional<at::Tensor>>& scalars_written) {
   if (dsts.size() != srcs.size()) return false;
@@ -52,6 +66,7 @@ inline bool pairs_valid(const std::vector<at::Tensor>& dsts, const std::vector<a
     if (!is_grad_dtype(s.scalar_type())) return false;
     if (d.sizes() != s.sizes() || d.device() != device || s.device() != device) return false;
     if (!d.is_contiguous() || !s.is_contiguous()) return false;
+    if (check_writable && (!writable(d) || !writable(s))) return false;
     add_span(spans, d);
     add_span(spans, s);
   }
@@ -61,10 +76,22 @@ inline bool pairs_valid(const std::vector<at::Tensor>& dsts, const std::vector<a
       if (t->layout() != at::kStrided || t->scalar_type() != at::kFloat || t->numel() != 1 || t->device() != device) {
         return false;
       }
-      if (list == &scalars_written) add_span(spans, *t);
+      if (list == &scalars_written) {
+        if (check_writable && !writable(*t)) return false;
+        add_span(spans, *t);
+      }
     }
   }
-  return no_overlap(spans);
+  if (!no_overlap(spans)) return false;  // sorts spans
+  for (const auto& t : scalars_read) {
+    if (!t.has_value() || t->numel() == 0) continue;
+    const auto read = span_of(*t);
+    // The first written span ending after the scalar starts; it overlaps the scalar if it starts before its end.
+    auto it = std::upper_bound(spans.begin(), spans.end(), read.first,
+                               [](uintptr_t start, const auto& span) { return start < span.second; });
+    if (it != spans.end() && it->first < read.second) return false;
+  }
+  return true;
 }
 
 }  // namespace fusedaccum

@@ -22,13 +22,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       [](const std::vector<at::Tensor>& masters, const std::vector<at::Tensor>& grads,
          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& post_scale,
          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& sumsq) {
-        return fusedaccum::pairs_valid(masters, grads, false, {scale, post_scale}, {found_inf, sumsq});
+        return fusedaccum::pairs_valid(masters, grads, false, true, {scale, post_scale}, {found_inf, sumsq});
       },
       "True if fusedaccum.ops.accumulate_ would accept these tensors (a fast pre-check; ops.py names errors)");
   module.def(
       "copy_args_valid",
       [](const std::vector<at::Tensor>& dsts, const std::vector<at::Tensor>& srcs) {
-        return fusedaccum::pairs_valid(dsts, srcs, true, {}, {});
+        return fusedaccum::pairs_valid(dsts, srcs, true, false, {}, {});
       },
       "True if fusedaccum.ops.copy_ would accept these tensors");
 #ifdef FUSEDACCUM_WITH_CUDA

@@ -93,8 +93,10 @@ def _check_scalar(name: str, t: torch.Tensor | None, device: torch.device | None
         )
 
 
-def _check_no_overlap(groups: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> None:
-    """No two tensors (of any list) may share memory: the kernels read and write them in parallel."""
+def _check_no_overlap(groups: Sequence[tuple[str, Sequence[torch.Tensor]]],
+                      read_only: Sequence[tuple[str, torch.Tensor | None]] = ()) -> None:
+    """No two tensors (of any list) may share memory: the kernels read and write them in parallel. The
+    ``read_only`` tensors (scales) may share memory with each other, not with anything in ``groups``."""
     spans = []
     for group, (_, tensors) in enumerate(groups):
         for i, t in enumerate(tensors):
@@ -106,6 +108,36 @@ def _check_no_overlap(groups: Sequence[tuple[str, Sequence[torch.Tensor]]]) -> N
         if start < end:
             (ga, ia), (gb, ib) = sorted([(group_a, i_a), (group_b, i_b)])
             raise ValueError(f"fusedaccum: {groups[ga][0]}[{ia}] and {groups[gb][0]}[{ib}] overlap in memory")
+    for name, t in read_only:
+        if t is None or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        for span_start, span_end, group, i in spans:
+            if span_start < end and start < span_end:
+                raise ValueError(
+                    f"fusedaccum: {name} shares memory with {groups[group][0]}[{i}], which the op writes; pass a "
+                    f"copy ({name}.clone())"
+                )
+
+
+def _check_writable(lists: Sequence[tuple[str, Sequence[torch.Tensor]]],
+                    scalars: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """The op writes these in place: refused where torch would refuse an in-place write (and the reference
+    backend would fail halfway), before any backend writes anything."""
+    inference_mode = torch.is_inference_mode_enabled()
+    named = [(f"{name}[{i}]", t) for name, tensors in lists for i, t in enumerate(tensors)]
+    for label, t in named + [(name, t) for name, t in scalars if t is not None]:
+        if t.requires_grad:
+            raise ValueError(
+                f"fusedaccum: {label} requires grad; the op writes it in place (pass a tensor that does not require "
+                "grad, e.g. .detach())"
+            )
+        if t.is_inference() and not inference_mode:
+            raise ValueError(
+                f"fusedaccum: {label} is an inference tensor (made under torch.inference_mode()); the op writes it "
+                "in place, which torch allows only inside inference mode"
+            )
 
 
 def _fast_check(name: str, *args) -> bool:
@@ -125,7 +157,8 @@ def _fast_check(name: str, *args) -> bool:
         return False
 
 
-def _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real: bool) -> None:
+def _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, zero_grads, found_inf, sumsq,
+                         real: bool) -> None:
     if real and _fast_check("accumulate_args_valid", masters, grads, scale_tensor, post_scale_tensor, found_inf,
                             sumsq):
         return
@@ -134,15 +167,18 @@ def _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_
     _check_scalar("post_scale", post_scale_tensor, device)
     _check_scalar("found_inf", found_inf, device)
     _check_scalar("sumsq", sumsq, device)
+    _check_writable([("masters", masters), ("grads", grads if zero_grads else [])],
+                    [("found_inf", found_inf), ("sumsq", sumsq)])
     if real:  # fake tensors have no memory to compare
         outputs = [t for t in (found_inf, sumsq) if t is not None]
-        _check_no_overlap([("masters", masters), ("grads", grads), ("found_inf/sumsq", outputs)])
+        _check_no_overlap([("masters", masters), ("grads", grads), ("found_inf/sumsq", outputs)],
+                          [("scale", scale_tensor), ("post_scale", post_scale_tensor)])
 
 
 # ------------------------------------------------------------------------------------------- custom ops
 def _accumulate_impl(masters, grads, scale, scale_tensor, overwrite, post_scale, post_scale_tensor, zero_grads,
                      found_inf, sumsq, backend):
-    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real=True)
+    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, zero_grads, found_inf, sumsq, real=True)
     if not masters:
         return
     chosen = backends.resolve(backend or None, masters[0].device)
@@ -162,7 +198,7 @@ def _accumulate_impl(masters, grads, scale, scale_tensor, overwrite, post_scale,
 
 def _accumulate_fake(masters, grads, scale, scale_tensor, overwrite, post_scale, post_scale_tensor, zero_grads,
                      found_inf, sumsq, backend):
-    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real=False)
+    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, zero_grads, found_inf, sumsq, real=False)
 
 
 def _copy_impl(dsts, srcs):
@@ -186,10 +222,18 @@ torch.library.register_fake("fusedaccum::copy_", _copy_fake, lib=_library)
 # ------------------------------------------------------------------------------------------- public API
 def _split_scale(name: str, value: Scale) -> tuple[float, torch.Tensor | None]:
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise ValueError(f"fusedaccum: {name} must be a dense one-element float32 tensor, got a {value.layout} one")
         return 1.0, value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"fusedaccum: {name} must be a number or a one-element float32 tensor, got {value!r}")
     return float(value), None
+
+
+def _check_flag(name: str, value: object) -> None:
+    # A truthy string ("no", "False") silently meaning True is worse than an error.
+    if not isinstance(value, bool):
+        raise TypeError(f"fusedaccum: {name} must be True or False, got {value!r}")
 
 
 def _call_op(op: torch._ops.OpOverload, lists: tuple[tuple[str, list[object]], ...], *args: object) -> None:
@@ -254,6 +298,8 @@ def accumulate_(
     """
     masters = _as_list("masters", masters)
     grads = _as_list("grads", grads)
+    _check_flag("overwrite", overwrite)
+    _check_flag("zero_grads", zero_grads)
     scale_value, scale_tensor = _split_scale("scale", scale)
     post_scale_value, post_scale_tensor = _split_scale("post_scale", post_scale)
     if backend is not None and backend not in backends.BACKENDS:
@@ -262,8 +308,8 @@ def accumulate_(
         return
     _call_op(
         torch.ops.fusedaccum.accumulate_.default, (("masters", masters), ("grads", grads)),
-        masters, grads, scale_value, scale_tensor, bool(overwrite), post_scale_value, post_scale_tensor,
-        bool(zero_grads), found_inf, sumsq, backend or "",
+        masters, grads, scale_value, scale_tensor, overwrite, post_scale_value, post_scale_tensor,
+        zero_grads, found_inf, sumsq, backend or "",
     )
 
 
@@ -273,6 +319,7 @@ def check_accumulate_args(
     scale: Scale = 1.0,
     *,
     post_scale: Scale = 1.0,
+    zero_grads: bool = True,
     found_inf: torch.Tensor | None = None,
     sumsq: torch.Tensor | None = None,
 ) -> None:
@@ -285,7 +332,8 @@ def check_accumulate_args(
     grads = _as_list("grads", grads)
     _, scale_tensor = _split_scale("scale", scale)
     _, post_scale_tensor = _split_scale("post_scale", post_scale)
-    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, found_inf, sumsq, real=True)
+    _check_flag("zero_grads", zero_grads)
+    _validate_accumulate(masters, grads, scale_tensor, post_scale_tensor, zero_grads, found_inf, sumsq, real=True)
 
 
 def copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:

@@ -281,7 +281,31 @@ BAD_INPUTS = {
     "sumsq_shape": (lambda a: a.__setitem__("sumsq", torch.zeros(3)), ValueError, "sumsq must be a one-element"),
     "sumsq_overlaps_master": (lambda a: a.__setitem__("sumsq", a["masters"][0][3:4]), ValueError, "overlap"),
     "unknown_backend": (lambda a: a.__setitem__("backend", "cuda-fast"), ValueError, "unknown backend 'cuda-fast'"),
+    # Refused on every backend before anything is written (test_new_refusals_agree_on_every_backend):
+    "scale_aliases_master": (lambda a: a.__setitem__("scale", a["masters"][0][4:5]), ValueError,
+                             "scale shares memory with masters[0]"),
+    "post_scale_aliases_master": (lambda a: a.__setitem__("post_scale", a["masters"][2][7:8]), ValueError,
+                                  "post_scale shares memory with masters[2]"),
+    "post_scale_aliases_sumsq": (lambda a: a.__setitem__("post_scale", a["sumsq"]), ValueError,
+                                 "post_scale shares memory with found_inf/sumsq[1]"),
+    "sparse_scale": (lambda a: a.__setitem__("scale", torch.ones(1).to_sparse()), ValueError,
+                     "scale must be a dense one-element"),
+    "inference_master": (lambda a: a["masters"].__setitem__(1, _inference_copy(a["masters"][1])), ValueError,
+                         "masters[1] is an inference tensor"),
+    "grad_requires_grad": (_swap(2, lambda a: a["grads"][2].clone().requires_grad_()), ValueError,
+                           "grads[2] requires grad"),
+    "master_requires_grad": (lambda a: a["masters"].__setitem__(0, a["masters"][0].clone().requires_grad_()),
+                             ValueError, "masters[0] requires grad"),
+    "overwrite_truthy_string": (lambda a: a.__setitem__("overwrite", "no"), TypeError,
+                                "overwrite must be True or False, got 'no'"),
+    "zero_grads_truthy_string": (lambda a: a.__setitem__("zero_grads", "False"), TypeError,
+                                 "zero_grads must be True or False"),
 }
+
+
+def _inference_copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return t.clone()
 
 
 def checkable_tensors(args):
@@ -308,9 +332,42 @@ def test_bad_input_raises_and_changes_nothing(case, compiled_precheck, monkeypat
         ops.accumulate_(**args)
     for t, before in snapshot:
         # Bits, not values: a bf16 view of float32 memory can hold NaN patterns, and NaN != NaN.
-        assert torch.equal(t.contiguous().view(torch.uint8), before.contiguous().view(torch.uint8)), (
+        assert torch.equal(t.detach().contiguous().view(torch.uint8), before.contiguous().view(torch.uint8)), (
             "a rejected call changed a tensor"
         )
+
+
+NEW_REFUSALS = [case for case in BAD_INPUTS if case.startswith(("scale_aliases", "post_scale_aliases", "inference",
+                                                                 "grad_requires", "master_requires"))]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("case", NEW_REFUSALS)
+def test_new_refusals_agree_on_every_backend(case, backend):
+    """Aliased scales, inference-mode masters and grads that require grad: before, cpu/triton wrote them and
+    reference raised halfway (after writing). Now every backend refuses before writing."""
+    reason = backends.why_unavailable(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    edit, error, message = BAD_INPUTS[case]
+    args = fresh_valid_args()
+    edit(args)
+    args["backend"] = backend
+    snapshot = [(t, t.detach().clone()) for t in checkable_tensors(args)]
+    with pytest.raises(error, match=re.escape(message)):
+        ops.accumulate_(**args)
+    for t, before in snapshot:
+        assert torch.equal(t.detach().view(torch.uint8), before.view(torch.uint8)), "a rejected call changed a tensor"
+
+
+def test_read_only_grads_may_require_grad():
+    """With zero_grads=False the op only reads the grads (a create_graph backward leaves grads that require grad)."""
+    args = fresh_valid_args()
+    grads = [g.clone().requires_grad_() for g in args["grads"]]
+    masters = [m.clone() for m in args["masters"]]
+    ops.accumulate_(masters, grads, 0.5, overwrite=True, zero_grads=False)
+    for m, g in zip(masters, grads):
+        assert torch.equal(m, g.detach().float() * 0.5)
 
 
 def test_compiled_precheck_accepts_valid_arguments():

@@ -242,8 +242,9 @@ class GradAccumulator(torch.optim.Optimizer):
         if not (math.isfinite(bucket_cap_mb) and bucket_cap_mb > 0):
             raise ValueError(f"fusedaccum: bucket_cap_mb must be finite and > 0, got {bucket_cap_mb}")
 
-        if not isinstance(accumulate_in_backward, bool):
-            raise TypeError(f"fusedaccum: accumulate_in_backward must be a bool, got {accumulate_in_backward!r}")
+        for name, flag in (("master_weights", master_weights), ("accumulate_in_backward", accumulate_in_backward)):
+            if not isinstance(flag, bool):  # a truthy "no" must not mean True
+                raise TypeError(f"fusedaccum: {name} must be a bool, got {flag!r}")
 
         if fsdp_module is not None:
             check_fsdp_module(fsdp_module, process_group, ddp_module, master_weights)
@@ -423,8 +424,14 @@ class GradAccumulator(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; works mid-window (new params join from now on)."""
         self._refuse_under_way("add_param_group() was called", undo=False)
+        groups = self._inner.param_groups
+        count = len(groups)
         self._inner.add_param_group(param_group)
-        self._sync_layout()
+        try:
+            self._sync_layout()
+        except BaseException:
+            del groups[count:]  # refused (e.g. float64 params): the wrapped optimizer must not keep the group
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``. :meth:`step` already consumes (sets to None) the grads it reads, so in the
@@ -432,6 +439,7 @@ class GradAccumulator(torch.optim.Optimizer):
         torch.optim.Optimizer.zero_grad(self, set_to_none)
 
     # ------------------------------------------------------------------------------------------------ step
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None, *, weight: float | torch.Tensor | None = None) -> Any:
         """Accumulate this micro-batch's gradients; apply the update when the window is full.
 
@@ -459,6 +467,8 @@ class GradAccumulator(torch.optim.Optimizer):
                 and the next successful ``step()`` counts them).
         """
         self._refuse_grad_scaler_step()
+        if closure is not None and not callable(closure):
+            raise TypeError(f"fusedaccum: closure must be a callable or None, got {closure!r}")
         if self._in_backward and weight is not None:
             raise ValueError(
                 "fusedaccum: step(weight=...) cannot be used with accumulate_in_backward=True: the hooks scale the "
@@ -497,9 +507,10 @@ class GradAccumulator(torch.optim.Optimizer):
             by_device: dict[torch.device, list[tuple[_Entry, torch.Tensor]]] = {}
             for entry, grad in grads:
                 by_device.setdefault(entry.key[0], []).append((entry, grad))
-            for device, pairs in by_device.items():
-                ops.check_accumulate_args([e.view for e, _ in pairs], [g for _, g in pairs],
-                                          found_inf=self._found_inf[device], sumsq=self._sumsq[device])
+            with self._naming_shared_grads(grads):
+                for device, pairs in by_device.items():
+                    ops.check_accumulate_args([e.view for e, _ in pairs], [g for _, g in pairs], zero_grads=False,
+                                              found_inf=self._found_inf[device], sumsq=self._sumsq[device])
         if self._in_backward:
             self._stepped = False
             self._weighted = weight is not None
@@ -511,14 +522,15 @@ class GradAccumulator(torch.optim.Optimizer):
         scale = self._micro_scale(w)
         if local_last:
             self._zero_sumsq()  # scratch for this pass: a refused call below leaves nothing that matters
-        for device, overwrite, masters, grad_list in calls:
-            if isinstance(scale, torch.Tensor):
-                scale = scale.to(device, non_blocking=True)
-            ops.accumulate_(
-                masters, grad_list, scale, overwrite=overwrite, post_scale=post_scale, zero_grads=False,
-                found_inf=self._found_inf[device], sumsq=self._sumsq[device] if local_last else None,
-                backend=self._backend,
-            )
+        with self._naming_shared_grads(grads):
+            for device, overwrite, masters, grad_list in calls:
+                if isinstance(scale, torch.Tensor):
+                    scale = scale.to(device, non_blocking=True)
+                ops.accumulate_(
+                    masters, grad_list, scale, overwrite=overwrite, post_scale=post_scale, zero_grads=False,
+                    found_inf=self._found_inf[device], sumsq=self._sumsq[device] if local_last else None,
+                    backend=self._backend,
+                )
 
         # The grads are in the masters: from here on, the window's state changes.
         self._stepped = False
@@ -534,10 +546,43 @@ class GradAccumulator(torch.optim.Optimizer):
             lagging = [e for e, t in zip(self._entries, self._touched) if t and id(e) not in fresh]
             self._scale_masters_only_(lagging, post_scale)
         self._micro_step += 1
-        result = None
-        if last:
-            result = self._reduce_and_finish() if self._distributed else self._finish_window()
+        result = self._finish_if_last(last)
         return loss if closure is not None else result
+
+    def _finish_if_last(self, last: bool) -> Any:
+        """The update, on a window's last micro-step (already counted). If it raises, the window is dropped: its
+        masters were scaled for this update and the grads consumed, so it cannot be replayed, and a window left at
+        micro_step == accumulation_steps would never update again."""
+        if not last:
+            return None
+        try:
+            return self._reduce_and_finish() if self._distributed else self._finish_window()
+        except BaseException as error:
+            if self._micro_step:
+                self._reset_window()
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note("fusedaccum: the update failed; the window was dropped (the next step() starts "
+                                   "a new one)")
+            raise
+
+    @contextmanager
+    def _naming_shared_grads(self, grads: list[tuple[_Entry, torch.Tensor]]) -> Iterator[None]:
+        """The op refuses grads that overlap as "grads[i] and grads[j] overlap", indices of its own call; when two
+        params were handed one .grad tensor, name the params instead. Costs nothing unless the op refused."""
+        try:
+            yield
+        except ValueError:
+            seen: dict[int, _Entry] = {}
+            for entry, grad in grads:
+                other = seen.setdefault(grad.data_ptr(), entry)
+                if other is not entry and grad.numel():
+                    groups = self._inner.param_groups
+                    raise ValueError(
+                        f"fusedaccum: {_param_name(groups, other.position)} and "
+                        f"{_param_name(groups, entry.position)} have one .grad tensor (their gradients overlap in "
+                        "memory); give each parameter a gradient of its own. Nothing was changed"
+                    ) from None
+            raise
 
     def _count_hooked_micro_step(
         self, grads: list[tuple[_Entry, torch.Tensor]], last: bool, loss: Any, has_closure: bool
@@ -564,11 +609,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh.clear()
         self._sumsq_stale = False
         self._hook_scale = None  # the scaler may be updated (end of window) or reloaded before the next backward
-        result = None
-        if last:
-            result = self._reduce_and_finish() if self._distributed else self._finish_window()
+        result = self._finish_if_last(last)
         return loss if has_closure else result
 
+    @torch.compiler.disable
     def flush(self) -> bool:
         """Apply the current short window now, with its true count (or weight sum); e.g. at the end of an epoch.
 
@@ -589,6 +633,7 @@ class GradAccumulator(torch.optim.Optimizer):
             self._sync_layout()
             self._stepped = False
             self._reduce_and_finish()
+            self._mark_update_for_schedulers()
             return self._stepped
         if self._micro_step == 0:
             self._stepped = False
@@ -600,7 +645,15 @@ class GradAccumulator(torch.optim.Optimizer):
         self._zero_sumsq()
         self._scale_masters_only_(self._touched_entries(), self._post_scale())
         self._finish_window()
+        self._mark_update_for_schedulers()
         return self._stepped
+
+    def _mark_update_for_schedulers(self) -> None:
+        # An LR scheduler built on this wrapper warns "lr_scheduler.step() before optimizer.step()" unless its
+        # wrapper around step() has set _opt_called; an update applied by flush() (e.g. the first one after a
+        # resume) must count as well.
+        if self._stepped:
+            self._opt_called = True
 
     # --------------------------------------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -1152,7 +1205,7 @@ class GradAccumulator(torch.optim.Optimizer):
         if not force and signature == self._signature:
             return
         self._refuse_under_way("the trainable parameters changed", undo=True)
-        for _, p in trainable:
+        for position, p in trainable:
             if p.dtype not in _FLOAT_DTYPES:
                 raise TypeError(
                     f"fusedaccum: a trainable parameter of shape {tuple(p.shape)} is {p.dtype}; GradAccumulator "
@@ -1160,6 +1213,14 @@ class GradAccumulator(torch.optim.Optimizer):
                 )
             if p.layout != torch.strided:
                 raise ValueError("fusedaccum: GradAccumulator supports dense (strided) parameters only")
+            if p.device.type == "meta":
+                raise ValueError(
+                    f"fusedaccum: {_param_name(self._inner.param_groups, position)} (shape {tuple(p.shape)}) is on "
+                    "the meta device; materialise the model first (e.g. model.to_empty(device=...) and initialise "
+                    "it), then build the optimizer and the wrapper"
+                )
+        if self._master_weights:
+            _refuse_overlapping(self._inner.param_groups, [(pos, p) for pos, p in trainable if p.dtype != torch.float32])
         shard_groups = {id(g): g for g in (fsdp_mesh_group(p, self._fsdp) for _, p in trainable) if g is not None}
         if len(shard_groups) > 1:
             raise ValueError("fusedaccum: with fsdp_module, every parameter must be sharded on the same device mesh")
@@ -1345,6 +1406,33 @@ def _is_trainable(p: torch.Tensor, grad: torch.Tensor | None, by_param: dict[int
         return True
     old = by_param.get(id(p))
     return old is not None and old.param is p
+
+
+def _param_name(groups: list[dict[str, Any]], position: int) -> str:
+    """How a user finds the param at ``position`` of the flattened param_groups."""
+    for g, group in enumerate(groups):
+        if position < len(group["params"]):
+            return f"param_groups[{g}]['params'][{position}]"
+        position -= len(group["params"])
+    return f"param {position}"
+
+
+def _refuse_overlapping(groups: list[dict[str, Any]], params: list[tuple[int, torch.Tensor]]) -> None:
+    """Params whose memory overlaps cannot each get a master weight: writing the copies back would conflict (and
+    be refused only after the optimizer had stepped them)."""
+    spans = []
+    for position, p in params:
+        if p.numel():
+            start = p.data_ptr()
+            spans.append((start, start + p.numel() * p.element_size(), position))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(
+                f"fusedaccum: {_param_name(groups, a)} and {_param_name(groups, b)} share memory; with "
+                "master_weights=True each bf16/fp16 parameter needs memory of its own (its float32 copy is written "
+                "back after every update)"
+            )
 
 
 def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:

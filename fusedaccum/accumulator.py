@@ -61,6 +61,23 @@ GroupKey = tuple[torch.device, torch.dtype]
 _VIEW_ALIGNMENT_ELEMENTS = 4  # float32 elements per 16 bytes: see _aligned
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# The fields of a saved "fusedaccum" entry and their types (checked before anything is loaded).
+_SAVED_FIELDS: dict[str, tuple[type, ...]] = {
+    "accumulation_steps": (int,),
+    "reduction": (str,),
+    "master_weights": (bool,),
+    "micro_step": (int,),
+    "weight_sum": (float, int),
+    "weighted": (bool, type(None)),
+    "stepped": (bool,),
+    "skipped_windows": (int,),
+    "grad_norm": (torch.Tensor, type(None)),
+    "found_inf": (bool,),
+    "layout": (dict,),
+    "touched": (list,),
+    "master_grads": (list,),
+    "master_weight_tensors": (dict,),
+}
 
 
 class MasterGradBuffer(NamedTuple):
@@ -277,6 +294,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+        self._register_inner_state_dict_hooks()
 
         # Window state.
         self._micro_step = 0
@@ -402,6 +420,7 @@ class GradAccumulator(torch.optim.Optimizer):
         state["_hook_scale"] = None
         state["_hook_lock"] = None  # locks do not copy; __setstate__ makes a fresh one
         state["_walk"] = None  # holds the original params; the copy's first step rebuilds it
+        state["_inner_hook_handles"] = []  # the wrapped optimizer's copy has no hooks; __setstate__ adds them
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -411,6 +430,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._by_param = {id(e.param): e for e in self._entries}
         self._signature = self._layout_signature([(e.position, e.param) for e in self._entries])
         self._patch_step_function()
+        self._register_inner_state_dict_hooks()
         self._register_hooks()
 
     def __repr__(self) -> str:
@@ -669,8 +689,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._sync_layout()
         if self._master_weights:
             self._refresh_master_weights()  # a param changed since the last update must be saved as it is now
-        with self._inner_sees_master_weights():
-            state = self._inner.state_dict()
+        state = self._inner.state_dict()  # with master_weights, its hooks show it the float32 master weights
         found = self._combined(self._found_inf)
         state[_STATE_KEY] = {
             "version": _STATE_VERSION,
@@ -707,6 +726,8 @@ class GradAccumulator(torch.optim.Optimizer):
                 master_weights setting. Nothing changes.
         """
         self._refuse_under_way("load_state_dict() was called", undo=False)
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"fusedaccum: load_state_dict expects a dict, got a {type(state_dict).__name__}")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -716,8 +737,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._sync_layout()
         if ours is not None:
             self._check_loadable(ours)
-        with self._inner_sees_master_weights():
-            self._inner.load_state_dict(inner_state)
+        self._inner.load_state_dict(inner_state)  # with master_weights, its hooks show it the master weights
         if ours is None:
             self._reset_window()
         else:
@@ -725,33 +745,99 @@ class GradAccumulator(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _check_loadable(self, ours: dict[str, Any]) -> None:
+    def _check_loadable(self, ours: Any) -> None:
+        """Every field of a saved "fusedaccum" entry, checked against its type, its range, the other fields and
+        this wrapper's layout and settings, before anything is loaded: a refusal changes nothing."""
+        if not isinstance(ours, dict):
+            raise ValueError(
+                f"fusedaccum: the state dict's {_STATE_KEY!r} entry must be a dict, got a {type(ours).__name__}"
+            )
         if ours.get("version") != _STATE_VERSION:
             raise ValueError(f"fusedaccum: unknown GradAccumulator state version {ours.get('version')!r}")
+        for name, kinds in _SAVED_FIELDS.items():
+            if name not in ours:
+                raise ValueError(f"fusedaccum: the state dict's {_STATE_KEY!r} entry has no {name!r} field")
+            value = ours[name]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(
+                    f"fusedaccum: the state dict's {_STATE_KEY}[{name!r}] is a {type(value).__name__}; expected "
+                    f"{' or '.join('None' if k is type(None) else k.__name__ for k in kinds)}"
+                )
         saved_layout = ours["layout"]
         current = self._layout_description()
         if saved_layout != current:
+            try:
+                difference = _first_difference(saved_layout, current)
+            except (KeyError, TypeError, ValueError):
+                difference = f"{saved_layout!r} saved vs {current!r} here"
             raise ValueError(
                 "fusedaccum: this state dict comes from another parameter layout and cannot be loaded here: "
-                f"{_first_difference(saved_layout, current)}"
+                f"{difference}"
             )
         if ours["master_weights"] != self._master_weights:
             raise ValueError(
                 f"fusedaccum: the state dict was saved with master_weights={ours['master_weights']}, this wrapper "
                 f"has master_weights={self._master_weights}"
             )
-        if ours["micro_step"] and ours["weighted"] and self._in_backward:
+        micro_step, steps, weight_sum, weighted = (
+            ours["micro_step"], ours["accumulation_steps"], ours["weight_sum"], ours["weighted"]
+        )
+
+        def refuse(what: str) -> None:
+            raise ValueError(f"fusedaccum: the state dict's {_STATE_KEY!r} entry is inconsistent: {what}")
+
+        if steps < 1:
+            refuse(f"accumulation_steps={steps} (must be >= 1)")
+        if not 0 <= micro_step < steps:
+            refuse(f"micro_step={micro_step} with accumulation_steps={steps} (0 <= micro_step < accumulation_steps)")
+        if ours["reduction"] not in ("mean", "sum"):
+            refuse(f"reduction={ours['reduction']!r}")
+        if ours["skipped_windows"] < 0:
+            refuse(f"skipped_windows={ours['skipped_windows']}")
+        if not (math.isfinite(weight_sum) and weight_sum >= 0):
+            refuse(f"weight_sum={weight_sum} (must be finite and >= 0)")
+        if micro_step == 0 and weight_sum != 0:
+            refuse(f"weight_sum={weight_sum} at micro_step 0")
+        if micro_step > 0 and weighted is None:
+            refuse(f"weighted=None at micro_step {micro_step}")
+        if micro_step > 0 and weighted is False and weight_sum != micro_step:
+            refuse(f"weight_sum={weight_sum} after {micro_step} unweighted micro-steps")
+        if micro_step > 0 and weighted and weight_sum <= 0:
+            refuse(f"weight_sum={weight_sum} after {micro_step} weighted micro-steps")
+        touched = ours["touched"]
+        if len(touched) != len(self._entries) or not all(isinstance(t, bool) for t in touched):
+            refuse(f"'touched' must be {len(self._entries)} bools (one per trainable param), got {touched!r}")
+        if micro_step == 0 and any(touched):
+            refuse("params marked as touched at micro_step 0")
+        norm = ours["grad_norm"]
+        if norm is not None and (not norm.is_floating_point() or norm.numel() != 1):
+            refuse(f"grad_norm must be a one-element float tensor, got {norm.dtype} of shape {tuple(norm.shape)}")
+        masters = ours["master_grads"]
+        if len(masters) != len(self._buffers):
+            refuse(f"{len(masters)} master_grads buffers saved, this layout has {len(self._buffers)}")
+        for i, (saved, buffer) in enumerate(zip(masters, self._buffers.values())):
+            if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float32 or saved.shape != buffer.shape:
+                got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+                refuse(f"master_grads[{i}] must be a float32 tensor of shape {tuple(buffer.shape)}, got {got}")
+        expected = {i for i, e in enumerate(self._entries) if e.master_weight is not None}
+        weights = ours["master_weight_tensors"]
+        if {k for k in weights if isinstance(k, int)} != expected or len(weights) != len(expected):
+            refuse(f"master_weight_tensors for params {sorted(weights, key=str)}, expected {sorted(expected)}")
+        for i, saved in weights.items():
+            shape = self._entries[i].param.shape
+            if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float32 or saved.shape != shape:
+                got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+                refuse(f"master_weight_tensors[{i}] must be a float32 tensor of shape {tuple(shape)}, got {got}")
+        if micro_step and weighted and self._in_backward:
             raise ValueError(
                 "fusedaccum: the state dict holds a half-finished weighted window (step(weight=...)); "
                 "accumulate_in_backward=True cannot continue it (weights are refused in that mode). Load it at a "
                 "window boundary or into a wrapper with accumulate_in_backward=False"
             )
-        if ours["micro_step"] and (
-            ours["accumulation_steps"] != self._accumulation_steps or ours["reduction"] != self._reduction
-        ):
+        if micro_step and (steps != self._accumulation_steps or ours["reduction"] != self._reduction):
             raise ValueError(
                 f"fusedaccum: the state dict holds a half-finished window of accumulation_steps="
-                f"{ours['accumulation_steps']}, reduction={ours['reduction']!r}; this wrapper has "
+                f"{steps}, reduction={ours['reduction']!r}; this wrapper has "
                 f"{self._accumulation_steps}, {self._reduction!r}. Load it at a window boundary or with equal settings"
             )
 
@@ -1155,21 +1241,61 @@ class GradAccumulator(torch.optim.Optimizer):
     @contextmanager
     def _inner_sees_master_weights(self) -> Iterator[None]:
         """With master_weights, the wrapped optimizer's param_groups hold the float32 master weights inside this
-        block (its step, state_dict, load_state_dict), and the model's params outside it."""
-        swapped = []
-        if self._master_weights:
-            for group in self._inner.param_groups:
-                params = group["params"]
-                for i, p in enumerate(params):
-                    entry = self._by_param.get(id(p))
-                    if entry is not None and entry.param is p and entry.master_weight is not None:
-                        params[i] = entry.master_weight
-                        swapped.append((params, i, p))
+        block (its step), and the model's params outside it."""
+        self._swap_in_master_weights()
         try:
             yield
         finally:
-            for params, i, p in swapped:
-                params[i] = p
+            self._swap_out_master_weights()
+
+    def _swap_in_master_weights(self) -> None:
+        for group in self._inner.param_groups:
+            params = group["params"]
+            for i, p in enumerate(params):
+                entry = self._by_param.get(id(p))
+                if entry is not None and entry.param is p and entry.master_weight is not None:
+                    params[i] = entry.master_weight
+
+    def _swap_out_master_weights(self) -> None:
+        # By identity, not by remembered positions: the wrapped optimizer's load_state_dict builds new groups.
+        params_of = {id(e.master_weight): e.param for e in self._entries if e.master_weight is not None}
+        for group in self._inner.param_groups:
+            params = group["params"]
+            for i, p in enumerate(params):
+                param = params_of.get(id(p))
+                if param is not None:
+                    params[i] = param
+
+    def _register_inner_state_dict_hooks(self) -> None:
+        """master_weights: the wrapped optimizer's state is keyed by the float32 master weights, which are not in
+        its param_groups outside step(); its own state_dict() and load_state_dict() (which users and libraries
+        call on ``acc.optimizer``) see them through these hooks, so its state dict works, keeps float32 state and
+        round-trips. The hooks hold the wrapper weakly."""
+        self._inner_hook_handles = []
+        if not self._master_weights:
+            return
+        ref = weakref.ref(self)
+
+        def swap_in(optimizer: torch.optim.Optimizer, state_dict: Any = None) -> None:
+            acc = ref()
+            if acc is None:
+                return
+            if state_dict is not None:
+                _check_groups_match(optimizer.param_groups, state_dict)  # torch's own refusal, before the swap
+            acc._swap_in_master_weights()
+
+        def swap_out(optimizer: torch.optim.Optimizer, state_dict: Any = None) -> None:
+            acc = ref()
+            if acc is not None:
+                acc._swap_out_master_weights()
+
+        inner = self._inner
+        self._inner_hook_handles = [
+            inner.register_state_dict_pre_hook(swap_in, prepend=True),
+            inner.register_state_dict_post_hook(swap_out),
+            inner.register_load_state_dict_pre_hook(swap_in, prepend=True),
+            inner.register_load_state_dict_post_hook(swap_out),
+        ]
 
     def _reset_window(self) -> None:
         self._micro_step = 0
@@ -1179,6 +1305,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._fresh.clear()
         self._sumsq_stale = False
         self._late.clear()
+        if any(not e.param.requires_grad for e in self._entries):
+            self._walk = None  # a param frozen in this window leaves the layout at the next micro-step's walk
         for flag in self._found_inf.values():
             flag.zero_()
 
@@ -1192,9 +1320,10 @@ class GradAccumulator(torch.optim.Optimizer):
             params = [p for g in self._inner.param_groups for p in g["params"]]
         if grads is None:
             grads = [p.grad for p in params]
-        by_param = self._by_param
+        by_param, touched = self._by_param, self._touched
         return [
-            (position, p) for position, (p, grad) in enumerate(zip(params, grads)) if _is_trainable(p, grad, by_param)
+            (position, p) for position, (p, grad) in enumerate(zip(params, grads))
+            if _is_trainable(p, grad, by_param, touched)
         ]
 
     def _sync_layout(self, force: bool = False, trainable: list[tuple[int, torch.Tensor]] | None = None) -> None:
@@ -1255,6 +1384,17 @@ class GradAccumulator(torch.optim.Optimizer):
             if self._master_weights and p.dtype != torch.float32 and master_weight is None:
                 master_weight = self._new_master_weight(p)
             entries.append(_Entry(p, position, key, offset, view, master_weight, version, len(entries)))
+        kept = {id(e.param) for e in entries}
+        for old in self._entries:
+            if id(old.param) not in kept and old.master_weight is not None and old.master_weight in self._inner.state:
+                # A frozen param leaves the layout with its master weight: its optimizer state goes back to it in its
+                # dtype, as Optimizer.load_state_dict gives it to a wrapper built afresh with the param frozen
+                # (unfrozen, it moves to a new float32 copy again).
+                moved = self._inner.state.pop(old.master_weight)
+                self._inner.state[old.param] = {
+                    k: v.to(old.param.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step"
+                    else v for k, v in moved.items()
+                }
         self._entries = entries
         self._by_param = {id(e.param): e for e in entries}
         self._walk = None
@@ -1399,13 +1539,27 @@ def _aligned(offset: int) -> int:
     return (offset + _VIEW_ALIGNMENT_ELEMENTS - 1) // _VIEW_ALIGNMENT_ELEMENTS * _VIEW_ALIGNMENT_ELEMENTS
 
 
-def _is_trainable(p: torch.Tensor, grad: torch.Tensor | None, by_param: dict[int, _Entry]) -> bool:
-    """Whether ``p`` gets a master: it requires grad, or has one, or had a master already (a param frozen
-    mid-window keeps its partial sum until the window ends)."""
+def _is_trainable(p: torch.Tensor, grad: torch.Tensor | None, by_param: dict[int, _Entry], touched: list[bool]) -> bool:
+    """Whether ``p`` gets a master: it requires grad, or has one, or holds a partial sum of the current window (a
+    param frozen mid-window keeps it until the window ends; then it leaves the layout, which is then the one a
+    wrapper built afresh with that param frozen has, so checkpoints load into either)."""
     if p.requires_grad or grad is not None:
         return True
     old = by_param.get(id(p))
-    return old is not None and old.param is p
+    return old is not None and old.param is p and touched[old.index]
+
+
+def _check_groups_match(groups: list[dict[str, Any]], state_dict: Any) -> None:
+    """The refusal Optimizer.load_state_dict makes before it changes anything (group counts and sizes)."""
+    saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, list):
+        return  # torch itself refuses it, before any change
+    if len(saved) != len(groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s.get("params", ())) for g, s in zip(groups, saved) if isinstance(s, dict)):
+        raise ValueError(
+            "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+        )
 
 
 def _param_name(groups: list[dict[str, Any]], position: int) -> str:

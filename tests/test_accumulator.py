@@ -693,7 +693,9 @@ def test_reused_walk_sees_every_layout_change():
     for a, b in zip([*models[0].parameters(), spares[0]], [*models[1].parameters(), spares[1]]):
         assert torch.equal(a, b)
     assert not torch.equal(spares[0], torch.randn(D_HID, generator=torch.Generator().manual_seed(3)))
-    assert sum(len(b.params) for b in accs[0].master_grad_buffers()) == 5  # the swapped-out bias gone, idle in
+    # The swapped-out bias gone, idle in; the frozen bias given a grad by hand left with its window (issue 11, bug 2:
+    # the layout of a wrapper built afresh with it frozen).
+    assert sum(len(b.params) for b in accs[0].master_grad_buffers()) == 4
 
 
 def test_master_buffers_layout():

@@ -61,6 +61,8 @@ GroupKey = tuple[torch.device, torch.dtype]
 _VIEW_ALIGNMENT_ELEMENTS = 4  # float32 elements per 16 bytes: see _aligned
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# Distributed weighted windows add the ranks' raw sums of w * grad: weights are kept where those products stay normal.
+_DISTRIBUTED_WEIGHT_MIN, _DISTRIBUTED_WEIGHT_MAX = 2.0**-40, 2.0**40
 # The fields of a saved "fusedaccum" entry and their types (checked before anything is loaded).
 _SAVED_FIELDS: dict[str, tuple[type, ...]] = {
     "accumulation_steps": (int,),
@@ -299,6 +301,7 @@ class GradAccumulator(torch.optim.Optimizer):
         # Window state.
         self._micro_step = 0
         self._weight_sum = 0.0
+        self._weight_ref = 1.0  # the window's reference weight: see _weight_ref_for
         self._weighted: bool | None = None  # whether this window's micro-steps pass weight= (all or none)
         self._stepped = False
         self._skipped_windows = 0
@@ -504,6 +507,7 @@ class GradAccumulator(torch.optim.Optimizer):
             )
         w = self._check_weight(weight)
         self._check_weighting(weight is not None)
+        ref = self._weight_ref_for(w, weight is not None)
         self._check_scaler_ready()
         loss = None
         if closure is not None:
@@ -538,8 +542,9 @@ class GradAccumulator(torch.optim.Optimizer):
         # Distributed: the masters hold raw (weighted) sums until the reduction; the 1/global-weight-sum and the
         # norm are applied once, after it (dividing locally first would be wrong when ranks' weight sums differ).
         local_last = last and not self._distributed
-        post_scale = self._post_scale(w) if local_last else 1.0  # w: this micro-step's weight, not yet counted
-        scale = self._micro_scale(w)
+        # w: this micro-step's weight, not yet counted; ref: the window's reference weight (see _weight_ref_for).
+        post_scale = self._post_scale(w, ref) if local_last else 1.0
+        scale = self._micro_scale(w / ref)
         if local_last:
             self._zero_sumsq()  # scratch for this pass: a refused call below leaves nothing that matters
         with self._naming_shared_grads(grads):
@@ -556,6 +561,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._stepped = False
         self._weighted = weight is not None
         self._weight_sum += w
+        self._weight_ref = ref
         touched = self._touched
         for entry, _ in grads:
             entry.param.grad = None  # consumed: the next backward writes a fresh grad, no zeroing pass needed
@@ -698,6 +704,7 @@ class GradAccumulator(torch.optim.Optimizer):
             "master_weights": self._master_weights,
             "micro_step": self._micro_step,
             "weight_sum": self._weight_sum,
+            "weight_ref": self._weight_ref,
             "weighted": self._weighted,
             "stepped": self._stepped,
             "skipped_windows": self._skipped_windows,
@@ -804,6 +811,13 @@ class GradAccumulator(torch.optim.Optimizer):
             refuse(f"weight_sum={weight_sum} after {micro_step} unweighted micro-steps")
         if micro_step > 0 and weighted and weight_sum <= 0:
             refuse(f"weight_sum={weight_sum} after {micro_step} weighted micro-steps")
+        ref = ours.get("weight_ref", 1.0)  # optional: absent from state dicts written before it existed
+        if isinstance(ref, bool) or not isinstance(ref, (float, int)) or not (
+            math.isfinite(ref) and ref > 0 and math.frexp(ref)[0] == 0.5
+        ):
+            refuse(f"weight_ref={ref!r} (must be a power of two)")
+        if ref != 1.0 and not (micro_step > 0 and weighted):
+            refuse(f"weight_ref={ref} outside a weighted window")
         touched = ours["touched"]
         if len(touched) != len(self._entries) or not all(isinstance(t, bool) for t in touched):
             refuse(f"'touched' must be {len(self._entries)} bools (one per trainable param), got {touched!r}")
@@ -857,6 +871,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._hook_scale = None
         self._micro_step = int(ours["micro_step"])
         self._weight_sum = float(ours["weight_sum"])
+        self._weight_ref = float(ours.get("weight_ref", 1.0))  # absent before it existed: unnormalised masters
         self._weighted = ours["weighted"]
         self._stepped = bool(ours["stepped"])
         self._skipped_windows = int(ours["skipped_windows"])
@@ -998,9 +1013,37 @@ class GradAccumulator(torch.optim.Optimizer):
             "call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was changed)"
         )
 
-    def _post_scale(self, pending: float = 0.0) -> float:
+    def _post_scale(self, pending: float = 0.0, ref: float | None = None) -> float:
         # pending: the current micro-step's weight when it is not yet in _weight_sum (the hooks run before step()).
-        return 1.0 / (self._weight_sum + pending) if self._reduction == "mean" else 1.0
+        # The masters hold sum(w_i / ref * g_i): the mean is ref / sum(w_i) times that, the sum ref times it.
+        ref = self._weight_ref if ref is None else ref
+        return ref / (self._weight_sum + pending) if self._reduction == "mean" else ref
+
+    def _weight_ref_for(self, w: float, weighted: bool) -> float:
+        """The window's reference weight: the masters accumulate (w_i / ref) g_i, so that weights anywhere in
+        float32's normal range give float32 products that neither underflow nor overflow (1.2e-38 * g would be
+        subnormal, 1e38 * g inf). A power of two, 2**floor(log2(w_1)) of the window's first weight: dividing by it
+        is exact, and the update's bits are those of the unnormalised sum wherever that one neither under- nor
+        overflows. 1 for unweighted windows, and distributed (the ranks' raw sums are added: they must share one
+        unit, so the weights are limited instead). Raises before anything changes."""
+        if self._micro_step > 0:
+            ref = self._weight_ref
+        elif not weighted or self._distributed:
+            ref = 1.0
+        else:
+            ref = math.ldexp(1.0, math.frexp(w)[1] - 1)
+        if self._distributed and weighted and not _DISTRIBUTED_WEIGHT_MIN <= w <= _DISTRIBUTED_WEIGHT_MAX:
+            raise ValueError(
+                f"fusedaccum: weight {w} is outside [2**-40, 2**40], which distributed windows accept (the ranks' "
+                "weighted sums are added unnormalised, so w * grad must stay well inside float32's range); rescale "
+                "the weights (only their ratios matter with reduction='mean')"
+            )
+        if not _FLOAT32_TINY <= w / ref <= _FLOAT32_MAX:
+            raise ValueError(
+                f"fusedaccum: weight {w} is more than float32's range apart from this window's first weight (about "
+                f"{ref:g}); the weighted masters cannot hold both"
+            )
+        return ref
 
     def _micro_scale(self, w: float) -> float | torch.Tensor:
         scaler = self._scaler
@@ -1300,6 +1343,7 @@ class GradAccumulator(torch.optim.Optimizer):
     def _reset_window(self) -> None:
         self._micro_step = 0
         self._weight_sum = 0.0
+        self._weight_ref = 1.0
         self._weighted = None
         self._touched = [False] * len(self._entries)
         self._fresh.clear()

@@ -6,13 +6,17 @@ is a CUDA build and a CUDA toolkit is found (a visible GPU is not needed). Optio
 * ``FUSEDACCUM_BUILD_CUDA=auto|1|0`` (default auto). ``1`` stops at once if the CUDA kernels cannot be built.
 * ``CUDA_HOME`` / ``CUDA_PATH``: the toolkit to use. Otherwise it is found from ``nvcc`` on PATH, through
   the ``_HERE_`` line of ``nvcc --dryrun`` (so a wrapper script named nvcc still leads to the real toolkit).
-* ``TORCH_CUDA_ARCH_LIST``: GPU architectures; default: the visible GPUs, or 8.0;9.0 (+PTX) without one.
+* ``TORCH_CUDA_ARCH_LIST``: GPU architectures; default: the visible GPUs, or without one ``DEFAULT_ARCH_LIST``
+  (Ampere, Hopper, and PTX that any newer GPU compiles at load time), plus Blackwell's 10.0 and 12.0 when the
+  toolkit can compile for them (CUDA >= 12.8: ``nvcc --list-gpu-code`` lists sm_100 and sm_120). The build
+  prints the list it used and why.
 * ``MAX_JOBS``: parallel compile jobs (honoured by torch's ninja build).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +26,12 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+# The one place the version is written is fusedaccum/__init__.py (pyproject.toml reads it from there too).
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "fusedaccum" / "__init__.py").read_text(), re.M).group(1)
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# Added to the default when the toolkit compiles for Blackwell (sm_100: B200/GB200, sm_120: RTX 50xx / RTX PRO):
+# native code there instead of a JIT compile of the 9.0 PTX at load time (which still serves every other newer GPU).
+BLACKWELL_ARCHS = ("10.0", "12.0")
 
 
 def say(message: str) -> None:
@@ -104,6 +112,23 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin" else []
 
 
+def default_arch_list(toolkit: Path) -> tuple[str, str]:
+    """The arch list for a build without a visible GPU, and why: Blackwell is added when this toolkit's nvcc can
+    compile for it (``--list-gpu-code``; an nvcc too old to have that option predates Blackwell too)."""
+    try:
+        run = subprocess.run([str(toolkit / "bin" / "nvcc"), "--list-gpu-code"], capture_output=True, text=True,
+                             timeout=60)
+        codes = set(run.stdout.split()) if run.returncode == 0 else set()
+    except (OSError, subprocess.SubprocessError):
+        codes = set()
+    wanted = {"sm_" + arch.replace(".", "") for arch in BLACKWELL_ARCHS}
+    if wanted <= codes:
+        return (";".join([DEFAULT_ARCH_LIST, *BLACKWELL_ARCHS]),
+                f"default; {' and '.join(sorted(wanted))} included: nvcc --list-gpu-code lists them")
+    return DEFAULT_ARCH_LIST, (f"default; Blackwell ({', '.join(BLACKWELL_ARCHS)}) left out: this nvcc cannot compile "
+                               "for it (CUDA 12.8 or newer can)")
+
+
 def write_build_info(with_cuda: bool, toolkit: Path | None, arch_list: str | None) -> None:
     backends = ["cpu", "cuda"] if with_cuda else ["cpu"]
     text = (
@@ -132,14 +157,16 @@ def extensions() -> list:
         write_build_info(False, None, None)
         return [CppExtension("fusedaccum._C", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=openmp_flags())]
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if torch.cuda.is_available():
-            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in caps)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        why = "from TORCH_CUDA_ARCH_LIST"
+    elif torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in caps)
+        why = "the visible GPUs"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"], why = default_arch_list(toolkit)
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-    say(f"CUDA architectures: {arch_list}")
+    say(f"CUDA architectures: {arch_list} ({why})")
     write_build_info(True, toolkit, arch_list)
     return [
         CUDAExtension(
@@ -156,17 +183,10 @@ def main() -> None:
     ext_modules = extensions()  # first: it sets CUDA_HOME, which cpp_extension reads when imported
     from torch.utils.cpp_extension import BuildExtension
 
+    # Name, version, dependencies, extras and packages: pyproject.toml ([project], [tool.setuptools]).
     setup(
-        name="fusedaccum",
-        version=VERSION,
-        description="Fused gradient accumulation for PyTorch: fp32 master grads, one pass, one launch",
-        packages=["fusedaccum", "fusedaccum.tritonkernels"],
-        package_dir={"fusedaccum": "fusedaccum", "fusedaccum.tritonkernels": "tritonkernels"},
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
-        python_requires=">=3.10",
-        install_requires=["torch>=2.11"],
-        extras_require={"triton": ["triton>=3.6"]},
     )
 
 

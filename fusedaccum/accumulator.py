@@ -311,7 +311,7 @@ class GradAccumulator(torch.optim.Optimizer):
         # whether sumsq must be recomputed (a param got a second grad in the last micro-step), and the inverse loss
         # scale of this micro-step (read once per micro-step, on the device).
         self._in_backward = accumulate_in_backward
-        self._hook_handles: list[Any] = []
+        self._hook_handles: dict[int, tuple[torch.Tensor, Any]] = {}  # id(param) -> (param, handle)
         self._fresh: set[int] = set()
         self._sumsq_stale = False
         self._hook_scale: float | torch.Tensor | None = None
@@ -419,7 +419,7 @@ class GradAccumulator(torch.optim.Optimizer):
         state = self.__dict__.copy()
         state.pop("step", None)
         # Hook handles point at the original params; a copy registers its own on its params (__setstate__).
-        state["_hook_handles"] = []
+        state["_hook_handles"] = {}
         state["_hook_scale"] = None
         state["_hook_lock"] = None  # locks do not copy; __setstate__ makes a fresh one
         state["_walk"] = None  # holds the original params; the copy's first step rebuilds it
@@ -1458,15 +1458,27 @@ class GradAccumulator(torch.optim.Optimizer):
         self._register_hooks()
 
     def _register_hooks(self) -> None:
-        """accumulate_in_backward: one post-accumulate-grad hook on every trainable leaf param of the layout.
+        """accumulate_in_backward: one post-accumulate-grad hook on every leaf float param of the param_groups,
+        frozen ones included: a param unfrozen later (``requires_grad_(True)``, no wrapper call in between) gets its
+        master from its hook at its first grad, as a wrapper built with it trainable would (which a resume does).
 
-        Re-registered from scratch on every layout change (a param left the layout must not keep feeding a master
-        that no longer exists). The hook holds the wrapper weakly: a dropped wrapper neither stays alive through
-        the model's params nor keeps eating their grads."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
-        if not self._in_backward:
+        Kept in step with the param_groups at every layout change: hooks of params that left are removed, params
+        already hooked keep theirs (a hook may be running: this can be called from one). The hook holds the wrapper
+        weakly: a dropped wrapper neither stays alive through the model's params nor keeps eating their grads."""
+        wanted: dict[int, torch.Tensor] = {}
+        if self._in_backward:
+            # FSDP2 shards: only the trainable ones (FSDP owns the others' gradient path).
+            params = [e.param for e in self._entries] if self._fsdp else [
+                p for g in self._inner.param_groups for p in g["params"]
+            ]
+            # Non-leaf params cannot take this hook; their .grad is consumed by step() instead.
+            wanted = {id(p): p for p in params if p.is_leaf and p.dtype in _FLOAT_DTYPES and p.layout == torch.strided
+                      and (p.requires_grad or not self._fsdp)}
+        for key, (p, handle) in list(self._hook_handles.items()):
+            if wanted.get(key) is not p:
+                handle.remove()
+                del self._hook_handles[key]
+        if not wanted:
             return
         ref = weakref.ref(self)
 
@@ -1475,19 +1487,41 @@ class GradAccumulator(torch.optim.Optimizer):
             if acc is not None:
                 acc._on_grad_accumulated(param)
 
-        for e in self._entries:
-            # Non-leaf params cannot take this hook; their .grad is consumed by step() instead.
-            if e.param.requires_grad and e.param.is_leaf:
-                self._hook_handles.append(e.param.register_post_accumulate_grad_hook(hook))
+        for key, p in wanted.items():
+            if key in self._hook_handles:
+                continue
+            frozen = not p.requires_grad
+            if frozen:
+                p.requires_grad_(True)  # torch takes the hook only from a tensor that requires grad; it stays
+            try:
+                self._hook_handles[key] = (p, p.register_post_accumulate_grad_hook(hook))
+            finally:
+                if frozen:
+                    p.requires_grad_(False)
 
     def _on_grad_accumulated(self, param: torch.Tensor) -> None:
         grad = param.grad
-        entry = self._by_param.get(id(param))
-        if grad is None or entry is None or entry.param is not param:
+        if grad is None:
             return
-        _check_grad(param, grad)
-        grad = local_grad(param, grad)  # FSDP2 runs these hooks on the sharded param, after its reduce-scatter
         with self._hook_lock:
+            try:
+                _check_grad(param, grad)
+            except (TypeError, ValueError) as error:
+                # Earlier grads of this backward are already in the masters and this one cannot be: the window
+                # cannot be completed as the large batch would, so it is dropped, and the error says so.
+                self._reset_window()
+                raise type(error)(f"{error}. The window was discarded (accumulate_in_backward had already added "
+                                  "other gradients of this backward)") from None
+            entry = self._by_param.get(id(param))
+            if entry is None or entry.param is not param:
+                if self._reducer is not None and self._reducer.under_way:
+                    return  # the layout cannot grow under a reduction: step() refuses, with its message
+                # Unfrozen since the last layout sync: its master now, where a wrapper built with it trainable has it.
+                self._sync_layout()
+                entry = self._by_param.get(id(param))
+                if entry is None or entry.param is not param:
+                    return  # not one of the wrapper's params any more: step() sees its grad
+            grad = local_grad(param, grad)  # FSDP2 runs these hooks on the sharded param, after its reduce-scatter
             self._accumulate_in_hook_(entry, grad if grad.is_contiguous() else grad.contiguous())
 
     def _accumulate_in_hook_(self, entry: _Entry, grad: torch.Tensor) -> None:

@@ -30,3 +30,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ the CUDA kernel under CPU emulation
+# Tests marked cuda_emulated run with the CPU kernel of fusedaccum::accumulate_kernel_ replaced by the CUDA
+# kernel (csrc/cuda/accumulate_kernel.cu) compiled against the SIMT emulation in tests/simt/ (built with g++
+# on first use, cached in build/simt/); see tests/simt/emulated.py.
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda_emulated: runs the CUDA kernel under the CPU emulation of tests/simt")
+
+
+def load_emulation():
+    """tests/simt/emulated.py as a module (the tests are not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "fusedaccum_tests_simt_emulated"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "simt" / "emulated.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulated(request: pytest.FixtureRequest):
+    if request.node.get_closest_marker("cuda_emulated") is None:
+        yield
+        return
+    from fusedaccum import backends
+
+    emulation = load_emulation()
+    reason = backends.why_unavailable("cpu", torch.device("cpu")) or emulation.why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with emulation.override_cpu_kernel() as kernel:
+        yield kernel

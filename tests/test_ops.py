@@ -36,12 +36,18 @@ SIZE_LISTS = {
 }
 
 
+# The CUDA kernel's own source run on CPU tensors under the SIMT emulation of tests/simt (conftest.py): the
+# "cpu" backend, whose kernel is the emulated CUDA kernel while a test marked cuda_emulated runs.
+CUDA_EMULATED = pytest.param("cpu", "cpu", marks=pytest.mark.cuda_emulated, id="cuda-emulated")
+
+
 def backend_params(names=("cpu", "reference", "triton", "cuda")):
     """(backend, device) pairs; cuda-device cases are marked and skip without a GPU."""
     params = []
     for name in names:
         if name == "cuda":
             params.append(pytest.param("cuda", "cuda", marks=pytest.mark.cuda, id="cuda"))
+            params.append(CUDA_EMULATED)
             continue
         params.append(pytest.param(name, "cpu", id=name))
         if name in ("triton", "reference"):
@@ -214,7 +220,8 @@ def test_cpu_backend_matches_reference_on_masters_bit_for_bit():
 finite_scale = st.floats(min_value=-8, max_value=8, allow_nan=False, allow_infinity=False, width=32)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("cpu", marks=pytest.mark.cuda_emulated,
+                                                                       id="cuda-emulated")])
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=6),
     dtype_names=st.lists(st.sampled_from(list(GRAD_DTYPES)), min_size=1, max_size=3),
@@ -318,9 +325,10 @@ def checkable_tensors(args):
     return found
 
 
+@pytest.mark.parametrize("kernel", ["cpu", pytest.param("cuda-emulated", marks=pytest.mark.cuda_emulated)])
 @pytest.mark.parametrize("compiled_precheck", [True, False], ids=["precheck", "python-only"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_raises_and_changes_nothing(case, compiled_precheck, monkeypatch):
+def test_bad_input_raises_and_changes_nothing(case, compiled_precheck, kernel, monkeypatch):
     """With the compiled pre-check (it must say no) and without it (no extension): the same error."""
     if not compiled_precheck:
         monkeypatch.setattr(ops, "_fast_check", lambda *args: False)
@@ -341,7 +349,8 @@ NEW_REFUSALS = [case for case in BAD_INPUTS if case.startswith(("scale_aliases",
                                                                  "grad_requires", "master_requires"))]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton",
+                                     pytest.param("cpu", marks=pytest.mark.cuda_emulated, id="cuda-emulated")])
 @pytest.mark.parametrize("case", NEW_REFUSALS)
 def test_new_refusals_agree_on_every_backend(case, backend):
     """Aliased scales, inference-mode masters and grads that require grad: before, cpu/triton wrote them and

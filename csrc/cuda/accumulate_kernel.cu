@@ -235,6 +235,8 @@ cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const Accu
   unsigned int* counters = nullptr;
   if (options.sumsq != nullptr) {
     const Plan plan = plan_launches(pairs, count);
+    // Only empty tensors: nothing to launch, and no memset (of a null workspace) either.
+    if (plan.launches == 0) return cudaSuccess;
     partials = static_cast<float*>(workspace);
     counters = reinterpret_cast<unsigned int*>(partials + plan.blocks);
     const cudaError_t status = cudaMemsetAsync(counters, 0, plan.launches * sizeof(unsigned int), stream);

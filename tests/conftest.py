@@ -55,6 +55,20 @@ def load_emulation():
     return sys.modules[name]
 
 
+@pytest.fixture
+def emulation():
+    """tests/simt/emulated.py, with its kernel built; the emulation's settings are restored afterwards."""
+    from fusedaccum import backends
+
+    module = load_emulation()
+    reason = backends.why_unavailable("cpu", torch.device("cpu")) or module.why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    module.kernel().configure()
+    yield module
+    module.kernel().configure()
+
+
 @pytest.fixture(autouse=True)
 def _cuda_emulated(request: pytest.FixtureRequest):
     if request.node.get_closest_marker("cuda_emulated") is None:

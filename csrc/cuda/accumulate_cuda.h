@@ -32,7 +32,8 @@ struct AccumulateOptions {
 int64_t accumulate_workspace_bytes(const TensorPair* pairs, int64_t count, bool want_sumsq);
 
 // Launches the fused pass on `stream`: one launch per launch table (PyTorch/Apex multi_tensor_apply
-// style), i.e. one launch in all for up to kMaxTensorsPerLaunch tensors and kMaxBlocksPerLaunch chunks.
+// style), i.e. one launch in all for up to 320 tensors and 4096 64K-element chunks (64 and 256 where the
+// driver or the GPU cannot take 32 KB of kernel parameters: CUDA < 12.1 or compute capability < 7.0).
 cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
                               void* workspace, cudaStream_t stream);
 

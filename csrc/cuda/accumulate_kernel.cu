@@ -1,12 +1,19 @@
 // CUDA kernel of fusedaccum::accumulate_kernel_. Includes CUDA headers only (see accumulate_cuda.h).
 //
 // Multi-tensor launch in the style of PyTorch/Apex multi_tensor_apply: a launch table passed by value
-// maps each block to (tensor, 64K-element chunk). Each thread moves 16 bytes of grads per step (8 bf16 or
-// fp16, or 2x4 fp32) with vector loads when both base pointers are 16-byte aligned, and a scalar tail.
-// The sum of squares is reduced without float atomics: every block writes its partial, and the last block
-// to finish (an integer completion counter) adds the partials in block order, so the norm is the same bit
-// for bit on every run.
+// maps each block to (tensor, 64K-element chunk); 320 tensors and 4096 blocks per launch where the driver
+// takes 32 KB of kernel parameters (CUDA >= 12.1), else 64 and 256 as in PyTorch. Each thread moves 16 bytes
+// of grads per step (8 bf16 or fp16, or 2x4 fp32) with vector loads when both base pointers are 16-byte
+// aligned, scalar loads otherwise, over the same elements in the same order. The sum of squares is reduced
+// without float atomics: every block writes its partial, and the last block to finish (an integer
+// completion counter) adds the partials in block order, so the norm is the same bit for bit on every run,
+// whatever the block order and the pointers' alignment (for a given table size and block size).
+//
+// Tested on every CI run without a GPU: tests/simt runs this file on the CPU under an emulation of the
+// CUDA execution model (tests/test_cuda_emulated.py, make check-cuda-emulated).
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "../accumulate_math.h"
 #include "accumulate_cuda.h"
@@ -28,22 +35,29 @@ namespace fusedaccum {
 namespace cuda {
 namespace {
 
-constexpr int kMaxTensorsPerLaunch = 64;
-constexpr int kMaxBlocksPerLaunch = 256;
 constexpr int kThreads = FUSEDACCUM_THREADS_PER_BLOCK;
 constexpr int kVec = 8;
 
-// Passed by value as a kernel parameter: it must stay under the classic 4 KiB parameter limit.
+// The launch table is passed by value as a kernel parameter. Kernel parameters are limited to 4 KiB, or to
+// 32764 bytes with CUDA >= 12.1 (toolkit and driver) on compute capability >= 7.0.
+template <int kTensors, int kBlocks, int kParameterLimit>
 struct LaunchTable {
-  float* masters[kMaxTensorsPerLaunch];
-  void* grads[kMaxTensorsPerLaunch];
-  int64_t numels[kMaxTensorsPerLaunch];
-  int8_t grad_dtypes[kMaxTensorsPerLaunch];
-  uint8_t block_tensor[kMaxBlocksPerLaunch];
-  int32_t block_chunk[kMaxBlocksPerLaunch];
+  static constexpr int kMaxTensors = kTensors;
+  static constexpr int kMaxBlocks = kBlocks;
+  static constexpr int kMaxParameterBytes = kParameterLimit;
+  using TensorIndex = std::conditional_t<(kTensors <= 256), uint8_t, uint16_t>;
+  float* masters[kTensors];
+  void* grads[kTensors];
+  int64_t numels[kTensors];
+  int8_t grad_dtypes[kTensors];
+  TensorIndex block_tensor[kBlocks];
+  int32_t block_chunk[kBlocks];
 };
-static_assert(sizeof(LaunchTable) + sizeof(AccumulateOptions) + 2 * sizeof(void*) <= 4096,
-              "launch table exceeds the kernel parameter limit");
+// PyTorch's multi_tensor_apply sizes: 256 blocks of 512 threads, about 48% of an H200's resident block slots
+// (132 SMs x 4), so a 1B-parameter model takes ~60 launches, each with a tail.
+using ClassicTable = LaunchTable<64, 256, 4096>;
+// 4096 blocks (~8 waves of 528 on an H200; a 1B-parameter model in 4 launches) and 320 tensors in 32,576 bytes.
+using LargeTable = LaunchTable<320, 4096, 32764>;
 
 template <typename T>
 struct alignas(16) Pack {
@@ -74,29 +88,45 @@ __device__ __forceinline__ void accumulate_chunk(float* __restrict__ master, voi
                                                  bool& nonfinite) {
   using G = typename GradStorage<kDType>::type;
   G* __restrict__ grad = static_cast<G*>(grad_ptr);
-  const bool aligned = ((reinterpret_cast<uintptr_t>(master) | reinterpret_cast<uintptr_t>(grad)) % 16) == 0;
-  const int64_t vec_end = aligned ? (n / kVec) * kVec : 0;
-  for (int64_t i = int64_t(threadIdx.x) * kVec; i < vec_end; i += int64_t(blockDim.x) * kVec) {
-    const Pack<G> g = load_pack(grad + i);
-    Pack<float> m;
-    if (!kOverwrite) m = load_pack(master + i);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float gf = grad_to_float<kDType>(g.v[k]);
-      nonfinite |= is_nonfinite(gf);
-      m.v[k] = accumulate_value<kOverwrite>(kOverwrite ? 0.0f : m.v[k], gf, scale, post_scale);
-      sumsq = fused_multiply_add(m.v[k], m.v[k], sumsq);
-    }
-    store_pack(master + i, m);
-    if (zero_grads) store_pack(grad + i, Pack<G>{});
-  }
-  for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x) {
+  auto element = [&](int64_t i) {
     const float gf = grad_to_float<kDType>(grad[i]);
     nonfinite |= is_nonfinite(gf);
     const float m = accumulate_value<kOverwrite>(kOverwrite ? 0.0f : master[i], gf, scale, post_scale);
     master[i] = m;
     sumsq = fused_multiply_add(m, m, sumsq);
     if (zero_grads) grad[i] = G(0);
+  };
+  // Element i belongs to pack i / kVec and pack p to thread p % blockDim.x; every thread visits its packs in
+  // order and a pack's elements in order, with 16-byte vector accesses when both base pointers are 16-byte
+  // aligned and scalar ones otherwise. So a thread adds the same squares in the same order either way, and
+  // the sum of squares has the same bits whatever the alignment.
+  const bool aligned = ((reinterpret_cast<uintptr_t>(master) | reinterpret_cast<uintptr_t>(grad)) % 16) == 0;
+  const int64_t full_packs = n / kVec;
+  const int64_t vec_end = full_packs * kVec;
+  if (aligned) {
+    for (int64_t i = int64_t(threadIdx.x) * kVec; i < vec_end; i += int64_t(blockDim.x) * kVec) {
+      const Pack<G> g = load_pack(grad + i);
+      Pack<float> m;
+      if (!kOverwrite) m = load_pack(master + i);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float gf = grad_to_float<kDType>(g.v[k]);
+        nonfinite |= is_nonfinite(gf);
+        m.v[k] = accumulate_value<kOverwrite>(kOverwrite ? 0.0f : m.v[k], gf, scale, post_scale);
+        sumsq = fused_multiply_add(m.v[k], m.v[k], sumsq);
+      }
+      store_pack(master + i, m);
+      if (zero_grads) store_pack(grad + i, Pack<G>{});
+    }
+  } else {
+    for (int64_t i = int64_t(threadIdx.x) * kVec; i < vec_end; i += int64_t(blockDim.x) * kVec) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) element(i + k);
+    }
+  }
+  // The last, partial pack (n % kVec elements) goes to its owner, after that thread's full packs.
+  if (int64_t(threadIdx.x) == full_packs % blockDim.x) {
+    for (int64_t i = vec_end; i < n; ++i) element(i);
   }
 }
 
@@ -117,8 +147,11 @@ __device__ __forceinline__ T block_sum(T value, T* shared) {
   return value;  // valid in thread 0
 }
 
+template <class Table>
 __global__ void __launch_bounds__(kThreads)
-    accumulate_kernel(LaunchTable table, AccumulateOptions options, float* partials, unsigned int* counter) {
+    accumulate_kernel(Table table, AccumulateOptions options, float* partials, unsigned int* counter) {
+  static_assert(sizeof(Table) + sizeof(AccumulateOptions) + 2 * sizeof(void*) <= Table::kMaxParameterBytes,
+                "launch table exceeds the kernel parameter limit");
   const int tensor = table.block_tensor[blockIdx.x];
   float* master = table.masters[tensor];
   char* grad = static_cast<char*>(table.grads[tensor]);
@@ -148,8 +181,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 #undef FUSEDACCUM_CHUNK
 
-  // No early exit on inf/nan: the flag is a plain store of 1.0 (every writer writes the same value).
-  if (__syncthreads_or(nonfinite) && threadIdx.x == 0 && options.found_inf != nullptr) *options.found_inf = 1.0f;
+  // No early exit on inf/nan. Several blocks may set the flag: an atomic store (atomicExch, old value unused)
+  // rather than plain stores of the same 1.0, which would formally be a data race.
+  if (__syncthreads_or(nonfinite) && threadIdx.x == 0 && options.found_inf != nullptr) {
+    atomicExch(options.found_inf, 1.0f);
+  }
 
   if (options.sumsq == nullptr) return;
   FUSEDACCUM_SHARED(float, warp_sums, [kThreads / 32]);
@@ -171,9 +207,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Packs the pairs into launch tables and calls on_launch(table, blocks) for each full or final table.
-template <typename OnLaunch>
+template <class Table, typename OnLaunch>
 void pack_launches(const TensorPair* pairs, int64_t count, OnLaunch&& on_launch) {
-  LaunchTable table;
+  Table table;
   int tensors = 0;
   int blocks = 0;
   auto put_tensor = [&](int slot, const TensorPair& pair) {
@@ -190,15 +226,15 @@ void pack_launches(const TensorPair* pairs, int64_t count, OnLaunch&& on_launch)
   for (int64_t t = 0; t < count; ++t) {
     const TensorPair& pair = pairs[t];
     if (pair.numel == 0) continue;
-    if (tensors == kMaxTensorsPerLaunch) flush();
+    if (tensors == Table::kMaxTensors) flush();
     put_tensor(tensors, pair);
     const int64_t chunks = (pair.numel + kChunkElements - 1) / kChunkElements;
     for (int64_t c = 0; c < chunks; ++c) {
-      if (blocks == kMaxBlocksPerLaunch) {
+      if (blocks == Table::kMaxBlocks) {
         flush();  // the tensor goes on in the next table, in slot 0
         put_tensor(0, pair);
       }
-      table.block_tensor[blocks] = static_cast<uint8_t>(tensors);
+      table.block_tensor[blocks] = static_cast<typename Table::TensorIndex>(tensors);
       table.block_chunk[blocks] = static_cast<int32_t>(c);
       ++blocks;
     }
@@ -212,29 +248,29 @@ struct Plan {
   int64_t launches = 0;
 };
 
+template <class Table>
 Plan plan_launches(const TensorPair* pairs, int64_t count) {
   Plan plan;
-  pack_launches(pairs, count, [&](const LaunchTable&, int blocks) {
+  pack_launches<Table>(pairs, count, [&](const Table&, int blocks) {
     plan.blocks += blocks;
     ++plan.launches;
   });
   return plan;
 }
 
-}  // namespace
-
-int64_t accumulate_workspace_bytes(const TensorPair* pairs, int64_t count, bool want_sumsq) {
-  if (!want_sumsq) return 0;
-  const Plan plan = plan_launches(pairs, count);
+template <class Table>
+int64_t workspace_bytes(const TensorPair* pairs, int64_t count) {
+  const Plan plan = plan_launches<Table>(pairs, count);
   return plan.blocks * int64_t(sizeof(float)) + plan.launches * int64_t(sizeof(unsigned int));
 }
 
-cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
-                              void* workspace, cudaStream_t stream) {
+template <class Table>
+cudaError_t launch(const TensorPair* pairs, int64_t count, const AccumulateOptions& options, void* workspace,
+                   cudaStream_t stream) {
   float* partials = nullptr;
   unsigned int* counters = nullptr;
   if (options.sumsq != nullptr) {
-    const Plan plan = plan_launches(pairs, count);
+    const Plan plan = plan_launches<Table>(pairs, count);
     // Only empty tensors: nothing to launch, and no memset (of a null workspace) either.
     if (plan.launches == 0) return cudaSuccess;
     partials = static_cast<float*>(workspace);
@@ -243,9 +279,9 @@ cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const Accu
     if (status != cudaSuccess) return status;
   }
   cudaError_t status = cudaSuccess;
-  pack_launches(pairs, count, [&](const LaunchTable& table, int blocks) {
+  pack_launches<Table>(pairs, count, [&](const Table& table, int blocks) {
     if (status != cudaSuccess) return;
-    FUSEDACCUM_LAUNCH(accumulate_kernel, blocks, kThreads, stream, table, options, partials, counters);
+    FUSEDACCUM_LAUNCH(accumulate_kernel<Table>, blocks, kThreads, stream, table, options, partials, counters);
     status = cudaGetLastError();
     if (partials != nullptr) {
       partials += blocks;
@@ -253,6 +289,42 @@ cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const Accu
     }
   });
   return status;
+}
+
+// Large tables need CUDA >= 12.1 at build time and in the driver, and compute capability >= 7.0. Asked on every
+// call (a few host-side queries), so the workspace size and the launch always agree on the table.
+bool large_tables_supported() {
+#if CUDART_VERSION >= 12010
+  int device = 0;
+  int driver = 0;
+  int major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDriverGetVersion(&driver) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return driver >= 12010 && major >= 7;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+int64_t accumulate_workspace_bytes(const TensorPair* pairs, int64_t count, bool want_sumsq) {
+  if (!want_sumsq) return 0;
+#if CUDART_VERSION >= 12010
+  if (large_tables_supported()) return workspace_bytes<LargeTable>(pairs, count);
+#endif
+  return workspace_bytes<ClassicTable>(pairs, count);
+}
+
+cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
+                              void* workspace, cudaStream_t stream) {
+#if CUDART_VERSION >= 12010
+  if (large_tables_supported()) return launch<LargeTable>(pairs, count, options, workspace, stream);
+#endif
+  return launch<ClassicTable>(pairs, count, options, workspace, stream);
 }
 
 }  // namespace cuda

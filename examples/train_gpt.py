@@ -2,13 +2,16 @@
 
     python examples/train_gpt.py --tiny                        # CPU, a few seconds: 2 layers, width 32, 20 updates
     python examples/train_gpt.py --tiny --max_iters 40 --init_from resume   # continue from out-train-gpt/ckpt.pt
+    python examples/train_gpt.py --tiny --native               # nanoGPT's own accumulation instead: same losses
     python examples/train_gpt.py --data input.txt              # e.g. tiny Shakespeare; GPU (bf16 autocast) if present
 
 A character-level GPT (nanoGPT's model: pre-LayerNorm blocks, causal self-attention, tied embeddings) on any text
 file, by default this file's own source. AdamW with nanoGPT's weight-decay groups, its warmup + cosine learning
 rate as a LambdaLR built on the wrapper and stepped once per update (``if acc.stepped``), clipping and fp16 loss
 scaling done by the wrapper, and a checkpoint that resumes bit-identically, loaded with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. ``--native`` runs nanoGPT's own lines instead of the wrapper, for comparison:
+in float32 both print the same losses and end within float32 rounding of each other (tests/test_examples.py),
+and either one's checkpoint resumes in the other.
 
 Porting nanoGPT's train.py (karpathy/nanoGPT): 4 lines added, 9 removed, 1 changed. The optimizer, the loss and
 the GradScaler stay; the wrapper takes over the division by the window, the unscaling, the clipping, the
@@ -185,6 +188,8 @@ def parse_args() -> argparse.Namespace:
     add("--lr_decay_iters", type=int, default=5000)
     add("--min_lr", type=float, default=1e-4)
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--native", action="store_true",
+        help="nanoGPT's own accumulation instead of the wrapper (the lines the port removes), to compare")
     add("--dtype", choices=["float32", "bfloat16", "float16"],
         default="bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32")
     if parser.parse_known_args()[0].tiny:
@@ -253,8 +258,11 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == "float16")
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                            device_type)
-    acc = fusedaccum.GradAccumulator(optimizer, args.gradient_accumulation_steps,
-                                     max_grad_norm=args.grad_clip or None, scaler=scaler)
+    if args.native:  # --native: no wrapper; nanoGPT's own lines drive the AdamW (native_update below)
+        acc = optimizer
+    else:
+        acc = fusedaccum.GradAccumulator(optimizer, args.gradient_accumulation_steps,
+                                         max_grad_norm=args.grad_clip or None, scaler=scaler)
     sched = torch.optim.lr_scheduler.LambdaLR(acc, lambda update: get_lr(update) / args.learning_rate)
     iter_num, best_val_loss = 0, float("inf")
     if checkpoint is not None:
@@ -284,6 +292,18 @@ def main() -> None:
         }, out_dir / "ckpt.pt")
         print(f"saved checkpoint at iter {iter_num} to {out_dir / 'ckpt.pt'}")
 
+    def native_update() -> torch.Tensor | None:
+        """--native: what nanoGPT does after the micro-steps, which the wrapper does inside acc.step()."""
+        grad_norm = None
+        if args.grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sched.step()
+        return grad_norm
+
     t0 = time.time()
     while iter_num < args.max_iters:
         if iter_num % args.eval_interval == 0:
@@ -295,16 +315,22 @@ def main() -> None:
             X, Y = get_batch("train")
             with ctx:
                 logits, loss = model(X, Y)
+            if args.native:
+                scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                continue
             scaler.scale(loss).backward()  # not divided by gradient_accumulation_steps: the wrapper averages
             acc.step()                     # accumulates; the update happens on the window's last micro-step
             acc.zero_grad(set_to_none=True)
             if acc.stepped:                # an update was applied (not when the window had an inf/NaN gradient)
                 sched.step()
+        if args.native:
+            grad_norm = native_update()
         iter_num += 1
 
         if iter_num % args.log_interval == 0:
             dt, t0 = time.time() - t0, time.time()
-            norm = "n/a" if acc.grad_norm is None else f"{acc.grad_norm.item():.3f}"
+            window_norm = grad_norm if args.native else acc.grad_norm
+            norm = "n/a" if window_norm is None else f"{window_norm.item():.3f}"
             print(f"iter {iter_num}: loss {loss.item():.4f}, grad norm {norm}, lr {sched.get_last_lr()[0]:.2e}, "
                   f"{dt * 1000 / args.log_interval:.1f} ms/update")
         if iter_num == args.max_iters or (args.checkpoint_interval and iter_num % args.checkpoint_interval == 0):
@@ -314,7 +340,8 @@ def main() -> None:
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
         digest.update(bytes(tensor.detach().cpu().contiguous().clone().untyped_storage()))
-    print(f"final: iter {iter_num}, updates {sched.last_epoch}, skipped windows {acc.skipped_windows}, "
+    skipped = "n/a" if args.native else acc.skipped_windows
+    print(f"final: iter {iter_num}, updates {sched.last_epoch}, skipped windows {skipped}, "
           f"train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, weights sha256 {digest.hexdigest()[:16]}")
 
 

@@ -104,14 +104,19 @@ def _auto_backend(device_type: str) -> str:
     return next((name for name in order if why_unavailable(name, torch.device(device_type)) is None), "reference")
 
 
+def check_name(backend: str | None, source: str | None = None) -> None:
+    """Refuses a backend name that is not one of BACKENDS (None: the default, always fine)."""
+    if backend is not None and backend not in BACKENDS:
+        where = f" (from {source})" if source else ""
+        raise ValueError(f"fusedaccum: unknown backend {backend!r}{where}; choose one of {BACKENDS}")
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend that serves a call on ``device``: explicit > $FUSEDACCUM_BACKEND > auto."""
     requested = backend or os.environ.get(ENV_VARIABLE) or None
     if requested is None:
         return _auto_backend(device.type)
-    if requested not in BACKENDS:
-        source = "backend=" if backend else f"${ENV_VARIABLE}"
-        raise ValueError(f"fusedaccum: unknown backend {requested!r} (from {source}); choose one of {BACKENDS}")
+    check_name(requested, "backend=" if backend else f"${ENV_VARIABLE}")
     reason = why_unavailable(requested, device)
     if reason is not None:
         raise BackendUnavailableError(

@@ -6,6 +6,9 @@ collectives' mechanics and the checks of the parallel setup:
 * :class:`BucketedAllReduce`: the all-reduce buckets over the flat float32 master buffers and the asynchronous
   collectives in flight (issued together at the window's end, or, with accumulate_in_backward, from the last
   backward's hooks as the params become final), plus the re-reduction of gradients that arrive late;
+* the reduction strategies the wrapper chooses once: :class:`LocalReduction` (one process),
+  :class:`AllReduceReduction` (process group / DDP: the masters' bucketed all-reduce per window) and
+  :class:`ShardAgreement` (FSDP2: FSDP reduce-scatters; the ranks only agree on the skip and the norm);
 * process group / DDP / FSDP2 resolution and refusals; DTensor shards as local tensors and back.
 
 See docs/distributed.md.
@@ -14,7 +17,7 @@ See docs/distributed.md.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,113 @@ import torch.distributed as dist
 FIRST_BUCKET_ELEMENTS = 2**20 // 4
 
 Span = tuple[Any, int, int]  # (buffer key, first element, element count) of one param in a flat buffer
+
+if TYPE_CHECKING:
+    from ._hooks import BackwardHooks
+    from ._master_grads import MasterGrads
+    from ._window import Window
+
+
+class LocalReduction:
+    """One process: the window's masters are the update's; the last micro-step's fused pass scales them by 1/W
+    and measures the norm."""
+
+    buckets: BucketedAllReduce | None = None
+    scales_locally = True  # the 1/W and the norm are applied by the last micro-step's own pass
+
+    def plan(self, masters: MasterGrads, in_backward: bool) -> None:
+        """A new layout: nothing to plan."""
+
+    def reduce(self, masters: MasterGrads, window: Window, hooks: BackwardHooks) -> bool:
+        """Makes the masters the update's gradient; False when there is nothing to update."""
+        return True
+
+    def agree(self, masters: MasterGrads, found: torch.Tensor, sumsq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The skip flag and the squared norm every rank decides on."""
+        return found, sumsq
+
+
+class ShardAgreement(LocalReduction):
+    """FSDP2: FSDP reduce-scatters (and averages over ranks) every backward's gradient; the masters hold this rank's
+    shards, and one small all-reduce over the mesh per window makes the skip and the norm global."""
+
+    def agree(self, masters: MasterGrads, found: torch.Tensor, sumsq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if masters.shard_group is None:
+            return found, sumsq
+        return agree_across_shards(found, sumsq, masters.shard_group)
+
+
+class AllReduceReduction(LocalReduction):
+    """A process group or DDP: no collective on a window's non-final micro-steps; at its end the raw master sums
+    are all-reduced in buckets (issued from the last backward's hooks with accumulate_in_backward), with one small
+    float64 all-reduce of what the ranks must agree on, then scaled by the global weight sum."""
+
+    scales_locally = False  # the masters hold raw sums until the reduction; 1/W and the norm come after it
+
+    def __init__(self, group: Any, bucket_elements: int) -> None:
+        self.group = group
+        self.bucket_elements = bucket_elements
+        self.buckets = BucketedAllReduce(group, bucket_elements)
+
+    def plan(self, masters: MasterGrads, in_backward: bool) -> None:
+        spans = [(e.key, e.offset, e.view.numel()) for e in masters.entries] if in_backward else None
+        first = min(self.bucket_elements, FIRST_BUCKET_ELEMENTS) if in_backward else self.bucket_elements
+        self.buckets.plan(masters.buffers, spans, first)
+
+    def reduce(self, masters: MasterGrads, window: Window, hooks: BackwardHooks) -> bool:
+        # Untouched regions may hold an earlier window's values; they must not enter the sum when another rank did
+        # get a gradient for this param. (Never part of a bucket already issued: those hold only final params.)
+        masters.zero_untouched()
+        found = masters.found()
+        device = found.device
+        # One small float64 SUM all-reduce carries everything the ranks must agree on (float64: token-count
+        # weight sums stay exact to 2**53). Flags are 0/1 per rank, so "sum > 0" is the MAX (any rank) decision.
+        n = len(masters.entries)
+        in_backward = hooks is not None
+        meta = torch.zeros(4 + n * (2 if in_backward else 1), dtype=torch.float64, device=device)
+        meta[0] = found[0]
+        meta[1] = window.weight_sum
+        if window.micro_step:
+            meta[2 if window.weighted else 3] = 1.0
+        flags = [float(t) for t in masters.touched]
+        if in_backward:  # which params got a grad after their bucket had been issued (reduce_late)
+            flags += [float(i in hooks.late) for i in range(n)]
+        if flags:
+            meta[4:] = torch.tensor(flags, dtype=torch.float64).to(device)
+        # Every collective is issued before any is waited on: the backend can then work on several buckets at once
+        # (gloo runs them on its worker threads; nccl queues them on its stream) instead of one round trip each.
+        # With accumulate_in_backward the last backward's hooks have issued the buckets whose params were final
+        # (BucketedAllReduce.param_final); this issues the rest, in the same plan order on every rank.
+        self.buckets.issue_all()
+        meta_work = dist.all_reduce(meta, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self.buckets.wait_all()
+        meta_work.wait()
+        host = meta.tolist()  # host sync: skip/step and which params to hand the optimizer are host decisions
+        overflow, weight_sum, n_weighted, n_unweighted = host[0] > 0, host[1], host[2], host[3]
+        masters.touched = [t > 0 for t in host[4 : 4 + n]]
+        late = [i for i, t in enumerate(host[4 + n :]) if t > 0]
+        if late:
+            reduce_late([e.view for e in masters.entries], hooks.late, late, self.group)
+            hooks.late.clear()
+        if n_weighted and n_unweighted:
+            raise ValueError(
+                "fusedaccum: in this window some ranks passed step(weight=...) and others did not; weights must be "
+                "given on every rank or on none (the window was dropped on every rank)"
+            )
+        if weight_sum == 0.0:  # flush() with every rank's window empty
+            return False
+        if not masters.any_touched():
+            raise RuntimeError(
+                "fusedaccum: the update is due (on every rank) but no parameter received a gradient in the whole "
+                "window; call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was "
+                "changed) (the window was dropped on every rank)"
+            )
+        window.weight_sum = weight_sum
+        masters.set_found(device, overflow)
+        masters.zero_sumsq()
+        if not overflow:  # a skipped window needs no scaling
+            masters.scale_only_(masters.touched_entries(), window.post_scale())
+        return True
 
 
 class BucketedAllReduce:

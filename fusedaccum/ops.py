@@ -302,8 +302,7 @@ def accumulate_(
     _check_flag("zero_grads", zero_grads)
     scale_value, scale_tensor = _split_scale("scale", scale)
     post_scale_value, post_scale_tensor = _split_scale("post_scale", post_scale)
-    if backend is not None and backend not in backends.BACKENDS:
-        raise ValueError(f"fusedaccum: unknown backend {backend!r}; choose one of {backends.BACKENDS}")
+    backends.check_name(backend)
     if not masters and not grads:
         return
     _call_op(

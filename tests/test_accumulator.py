@@ -686,7 +686,7 @@ def test_reused_walk_sees_every_layout_change():
             loss_of(m, xs[k // N, k % N], ys[k // N, k % N]).backward()
             if k >= 4:
                 spare.grad = spare_grad.clone()
-        accs[1]._walk = None  # the full walk
+        accs[1]._masters.forget_walk()  # the full walk
         for acc in accs:
             acc.step()
         assert layout(accs[0]) == layout(accs[1]), f"micro-step {k}"
@@ -1363,7 +1363,7 @@ def test_in_backward_add_param_group_and_late_unfreeze():
                 acc.step()
             assert_same_state(*pair, norm_exact=False)
     model, acc = pair[1]
-    assert len(acc._hook_handles) == 4  # every param trainable now, each hooked once
+    assert len(acc._hooks._handles) == 4  # every param trainable now, each hooked once
     for p in model.parameters():
         assert len(p._post_accumulate_grad_hooks) == 1
 

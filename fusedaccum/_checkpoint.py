@@ -1,0 +1,107 @@
+"""The ``"fusedaccum"`` entry of a GradAccumulator state dict: its fields, and their checks before any load.
+
+Format version 1: the window (``Window.saved``), ``master_weights``, ``found_inf``, the ``layout`` (what another
+layout is told apart by), ``touched``, the flat ``master_grads`` buffers and the ``master_weight_tensors`` by layout
+index. ``weight_ref`` is optional (absent from entries written before it existed: 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._master_grads import first_difference
+from ._window import Window
+
+STATE_KEY = "fusedaccum"
+STATE_VERSION = 1
+
+# The fields of a saved entry and their types.
+FIELDS: dict[str, tuple[type, ...]] = {
+    "accumulation_steps": (int,),
+    "reduction": (str,),
+    "master_weights": (bool,),
+    "micro_step": (int,),
+    "weight_sum": (float, int),
+    "weighted": (bool, type(None)),
+    "stepped": (bool,),
+    "skipped_windows": (int,),
+    "grad_norm": (torch.Tensor, type(None)),
+    "found_inf": (bool,),
+    "layout": (dict,),
+    "touched": (list,),
+    "master_grads": (list,),
+    "master_weight_tensors": (dict,),
+}
+
+
+def check_entry(
+    ours: Any, *, window: Window, layout: dict[str, Any], master_weights: bool, buffers: list[torch.Tensor],
+    master_weight_shapes: dict[int, torch.Size], in_backward: bool,
+) -> None:
+    """Every field of a saved entry, checked against its type, its range, the other fields and this wrapper's
+    layout and settings, before anything is loaded: a refusal (ValueError, naming the field) changes nothing."""
+    if not isinstance(ours, dict):
+        raise ValueError(
+            f"fusedaccum: the state dict's {STATE_KEY!r} entry must be a dict, got a {type(ours).__name__}"
+        )
+    if ours.get("version") != STATE_VERSION:
+        raise ValueError(f"fusedaccum: unknown GradAccumulator state version {ours.get('version')!r}")
+    for name, kinds in FIELDS.items():
+        if name not in ours:
+            raise ValueError(f"fusedaccum: the state dict's {STATE_KEY!r} entry has no {name!r} field")
+        value = ours[name]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(
+                f"fusedaccum: the state dict's {STATE_KEY}[{name!r}] is a {type(value).__name__}; expected "
+                f"{' or '.join('None' if k is type(None) else k.__name__ for k in kinds)}"
+            )
+    if ours["layout"] != layout:
+        try:
+            difference = first_difference(ours["layout"], layout)
+        except (KeyError, TypeError, ValueError):
+            difference = f"{ours['layout']!r} saved vs {layout!r} here"
+        raise ValueError(
+            f"fusedaccum: this state dict comes from another parameter layout and cannot be loaded here: {difference}"
+        )
+    if ours["master_weights"] != master_weights:
+        raise ValueError(
+            f"fusedaccum: the state dict was saved with master_weights={ours['master_weights']}, this wrapper "
+            f"has master_weights={master_weights}"
+        )
+    window.check_saved(ours)
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"fusedaccum: the state dict's {STATE_KEY!r} entry is inconsistent: {what}")
+
+    touched = ours["touched"]
+    entries = len(layout["params"])
+    if len(touched) != entries or not all(isinstance(t, bool) for t in touched):
+        refuse(f"'touched' must be {entries} bools (one per trainable param), got {touched!r}")
+    if ours["micro_step"] == 0 and any(touched):
+        refuse("params marked as touched at micro_step 0")
+    saved = ours["master_grads"]
+    if len(saved) != len(buffers):
+        refuse(f"{len(saved)} master_grads buffers saved, this layout has {len(buffers)}")
+    for i, (tensor, buffer) in enumerate(zip(saved, buffers)):
+        _check_float32(refuse, f"master_grads[{i}]", tensor, buffer.shape)
+    weights = ours["master_weight_tensors"]
+    if {k for k in weights if isinstance(k, int)} != set(master_weight_shapes) or len(weights) != len(
+        master_weight_shapes
+    ):
+        refuse(f"master_weight_tensors for params {sorted(weights, key=str)}, expected {sorted(master_weight_shapes)}")
+    for i, tensor in weights.items():
+        _check_float32(refuse, f"master_weight_tensors[{i}]", tensor, master_weight_shapes[i])
+    if ours["micro_step"] and ours["weighted"] and in_backward:
+        raise ValueError(
+            "fusedaccum: the state dict holds a half-finished weighted window (step(weight=...)); "
+            "accumulate_in_backward=True cannot continue it (weights are refused in that mode). Load it at a "
+            "window boundary or into a wrapper with accumulate_in_backward=False"
+        )
+
+
+def _check_float32(refuse: Any, name: str, tensor: Any, shape: torch.Size) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32 or tensor.shape != shape:
+        got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        refuse(f"{name} must be a float32 tensor of shape {tuple(shape)}, got {got}")

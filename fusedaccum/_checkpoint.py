@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ._master_grads import first_difference
+from ._master_grads import MasterGrads, first_difference
+from ._master_weights import MasterWeights
 from ._window import Window
 
 STATE_KEY = "fusedaccum"
@@ -36,12 +37,41 @@ FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def check_entry(
-    ours: Any, *, window: Window, layout: dict[str, Any], master_weights: bool, buffers: list[torch.Tensor],
-    master_weight_shapes: dict[int, torch.Size], in_backward: bool,
+def entry(window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]]) -> dict:
+    """The wrapper's entry of its state dict (tensors are references, as in Optimizer.state_dict). Reading the
+    window's inf flag costs one host sync."""
+    found = masters.found()
+    return {
+        "version": STATE_VERSION,
+        **window.saved(),
+        "master_weights": weights.enabled,
+        "found_inf": bool(found.item()) if found is not None else False,
+        "layout": masters.describe(groups),
+        "touched": list(masters.touched),
+        "master_grads": list(masters.buffers.values()),
+        "master_weight_tensors": weights.saved([e.param for e in masters.entries]),
+    }
+
+
+def load(ours: dict[str, Any], window: Window, masters: MasterGrads, weights: MasterWeights) -> None:
+    """Loads a checked entry into the parts (whose window has just been reset)."""
+    masters.load(ours["master_grads"], ours["touched"])
+    weights.load([e.param for e in masters.entries], ours["master_weight_tensors"])
+    window.load(ours)
+    masters.set_found(None, ours["found_inf"])
+
+
+def check(
+    ours: Any, window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]],
+    in_backward: bool,
 ) -> None:
     """Every field of a saved entry, checked against its type, its range, the other fields and this wrapper's
     layout and settings, before anything is loaded: a refusal (ValueError, naming the field) changes nothing."""
+    layout = masters.describe(groups)
+    master_weights = weights.enabled
+    buffers = list(masters.buffers.values())
+    params = [e.param for e in masters.entries]
+    master_weight_shapes = {i: p.shape for i, p in enumerate(params) if weights.master_of(p) is not None}
     if not isinstance(ours, dict):
         raise ValueError(
             f"fusedaccum: the state dict's {STATE_KEY!r} entry must be a dict, got a {type(ours).__name__}"

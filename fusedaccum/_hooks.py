@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from ._amp import ScalerLink
-from ._master_grads import FLOAT_DTYPES, Entry, MasterGrads
+from ._master_grads import FLOAT_DTYPES, Entry, MasterGrads, check_grad
 from ._window import Phase, Window
-from .distributed import BucketedAllReduce
+from .distributed import BucketedAllReduce, LocalReduction, local_grad
 
 
 class BackwardHooks:
-    """The hooks of one wrapper and what they did since the last counted micro-step."""
+    """The hooks of one wrapper and what they did since the last counted micro-step. The same verbs as the default
+    mode's :class:`fusedaccum._accumulation.AtStep`."""
+
+    in_backward = True
 
     def __init__(self) -> None:
         self._handles: dict[int, tuple[torch.Tensor, Any]] = {}  # id(param) -> (param, handle)
@@ -61,6 +64,36 @@ class BackwardHooks:
             finally:
                 if frozen:
                     p.requires_grad_(False)
+
+    def on_grad(
+        self, param: torch.Tensor, masters: MasterGrads, window: Window, scaler: ScalerLink,
+        reduction: LocalReduction, sync_layout: Callable[[], None], reset_window: Callable[[], None],
+    ) -> None:
+        """Autograd has finished ``param``'s grad for this backward: into its master now."""
+        grad = param.grad
+        if grad is None:
+            return
+        with self.lock:
+            try:
+                check_grad(param, grad)
+            except (TypeError, ValueError) as error:
+                # Earlier grads of this backward are already in the masters and this one cannot be: the window
+                # cannot be completed as the large batch would, so it is dropped, and the error says so.
+                reset_window()
+                raise type(error)(f"{error}. The window was discarded (accumulate_in_backward had already added "
+                                  "other gradients of this backward)") from None
+            entry = masters.entry_of(param)
+            if entry is None:
+                if window.phase is Phase.REDUCING:
+                    return  # the layout cannot grow under a reduction: step() refuses, with its message
+                # Unfrozen since the last layout sync: its master now, where a wrapper built with it trainable has it.
+                sync_layout()
+                entry = masters.entry_of(param)
+                if entry is None:
+                    return  # not one of the wrapper's params any more: step() sees its grad
+            grad = local_grad(param, grad)  # FSDP2 runs these hooks on the sharded param, after its reduce-scatter
+            self.accumulate(entry, grad if grad.is_contiguous() else grad.contiguous(), masters, window, scaler,
+                            reduction.buckets)
 
     def accumulate(
         self, entry: Entry, grad: torch.Tensor, masters: MasterGrads, window: Window, scaler: ScalerLink,
@@ -108,10 +141,31 @@ class BackwardHooks:
         if last and distributed and not again:
             reducer.param_final(index)
 
-    def finish_micro_step(self, masters: MasterGrads, window: Window, distributed: bool) -> None:
-        """step(): the hooks added this micro-step's grads; on the window's last one (single process), bring the
-        masters of params without a grad in it to 1/W too, and the norm up to date."""
-        if window.is_last and not distributed:  # distributed: the 1/W and the norm come after the reduction
+    def refuse_weight(self, weight: Any) -> None:
+        if weight is not None:
+            raise ValueError(
+                "fusedaccum: step(weight=...) cannot be used with accumulate_in_backward=True: the hooks scale the "
+                "window's last micro-step by 1/sum(weights) during backward, before step() could give its weight. "
+                "Use the default mode (accumulate_in_backward=False) for weighted windows"
+            )
+
+    def micro_step(
+        self, grads: list[tuple[Entry, torch.Tensor]], w: float, ref: float, masters: MasterGrads, window: Window,
+        scaler: ScalerLink, reduction: LocalReduction, groups: list[dict[str, Any]],
+    ) -> None:
+        """step(): the hooks added this micro-step's grads; any they did not see (a .grad set by hand) take their
+        path now (checked together first); then the micro-step is finished for counting."""
+        if grads:
+            masters.check_args(grads, groups)
+        for entry, grad in grads:
+            self.accumulate(entry, grad, masters, window, scaler, reduction.buckets)
+        self._finish_micro_step(masters, window, reduction.scales_locally)
+        scaler.micro_step_counted()
+
+    def _finish_micro_step(self, masters: MasterGrads, window: Window, scales_locally: bool) -> None:
+        """On the window's last micro-step (single process), bring the masters of params without a grad in it to
+        1/W too, and the norm up to date."""
+        if window.is_last and scales_locally:  # distributed: the 1/W and the norm come after the reduction
             post_scale = window.post_scale(1.0)
             if not self.fresh:
                 masters.zero_sumsq()  # no grad at all this micro-step: sumsq still holds the previous window's norm²

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from . import ops
-from ._master_grads import param_name
+from ._master_grads import Entry, param_name
+from .distributed import as_param_grad
 
 
 @dataclass
@@ -103,6 +104,38 @@ class MasterWeights:
                     c.param.copy_(c.master)
         for c in copies:
             c.version = c.param._version
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, entries: list[Entry]) -> Any:
+        """The wrapped optimizer's step on the window's gradient: the masters of ``entries`` (the params with a
+        grad this window) as float32 grads of the copies, or of float32 params, or rounded once to a bf16/fp16
+        param's dtype; then the copies are written back. The grads are removed again whatever happens."""
+        casts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        holders: list[torch.Tensor] = []
+        for e in entries:
+            master = self.master_of(e.param)
+            if master is not None:
+                master.grad = e.view
+                holders.append(master)
+                continue
+            grad_dtype = getattr(e.param, "grad_dtype", e.param.dtype) or e.param.dtype
+            grad = e.view
+            if grad_dtype != torch.float32:
+                # bf16/fp16 params without master weights: the float32 mean, rounded once to the param dtype.
+                grad = torch.empty(e.view.shape, dtype=grad_dtype, device=e.view.device)
+                casts[0].append(grad)
+                casts[1].append(e.view)
+            e.param.grad = as_param_grad(e.param, grad)
+            holders.append(e.param)
+        ops.copy_(*casts)
+        self.refresh()
+        try:
+            with self.swapped_in(optimizer.param_groups):
+                result = optimizer.step()
+            self.write_back()
+        finally:
+            for t in holders:
+                t.grad = None
+        return result
 
     # ---------------------------------------------------------------------- the wrapped optimizer's view
     @contextmanager

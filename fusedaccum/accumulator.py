@@ -17,7 +17,8 @@ handed to it here.
 * ``_window``: the window's position, weights and phase, and the last window's results;
 * ``_master_weights``: float32 copies of bf16/fp16 params (``master_weights=True``);
 * ``_amp``: the GradScaler link;
-* ``_hooks``: accumulation during backward (``accumulate_in_backward=True``);
+* ``_accumulation`` / ``_hooks``: the accumulation mode, chosen once: at ``step()`` (default) or during backward
+  (``accumulate_in_backward=True``);
 * ``distributed``: the reduction, chosen once (one process, the masters' all-reduce, FSDP2 shard agreement);
 * ``_checkpoint``: the state dict's own entry and its checks.
 """
@@ -30,21 +31,15 @@ from typing import Any
 
 import torch
 
-from . import _checkpoint, ops
+from . import _checkpoint
+from ._accumulation import AtStep
 from ._amp import ScalerLink
 from ._config import DEFAULT_BUCKET_CAP_MB, Config
 from ._hooks import BackwardHooks, weak_callback
-from ._master_grads import MasterGradBuffer, MasterGrads, Params, check_grad
+from ._master_grads import MasterGradBuffer, MasterGrads, Params
 from ._master_weights import MasterWeights
-from ._window import Phase, Window
-from .distributed import (
-    AllReduceReduction,
-    LocalReduction,
-    ShardAgreement,
-    as_param_grad,
-    check_ddp_params_covered,
-    local_grad,
-)
+from ._window import Window
+from .distributed import AllReduceReduction, LocalReduction, ShardAgreement, check_ddp_params_covered
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "GradAccumulator", "MasterGradBuffer"]
 
@@ -54,7 +49,7 @@ _OPTIMIZER_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "
                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                     "_optimizer_load_state_dict_post_hooks")
 # What a copy (pickle, deepcopy) of the wrapper carries over; everything else is rebuilt by __setstate__.
-_KEPT_ON_COPY = ("_inner", "_config", "_masters", "_weights", "_window", "_scaler", "_hooks", "_reduction",
+_KEPT_ON_COPY = ("_inner", "_config", "_masters", "_weights", "_window", "_scaler", "_mode", "_reduction",
                  "_opt_called", *_OPTIMIZER_HOOKS)
 
 
@@ -140,7 +135,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._weights = MasterWeights(config.master_weights)
         self._window = Window(config.accumulation_steps, config.reduction, config.distributed)
         self._scaler = ScalerLink(scaler)
-        self._hooks = BackwardHooks() if config.accumulate_in_backward else None
+        self._mode = BackwardHooks() if config.accumulate_in_backward else AtStep()
         self._reduction = (
             AllReduceReduction(config.group, config.bucket_elements) if config.distributed
             else ShardAgreement() if config.fsdp else LocalReduction()
@@ -291,11 +286,12 @@ class GradAccumulator(torch.optim.Optimizer):
                 ``.grad``; with ``accumulate_in_backward=True`` the hooks have already added them to the masters,
                 and the next successful ``step()`` counts them).
         """
-        window, masters, hooks = self._window, self._masters, self._hooks
+        window, masters = self._window, self._masters
         ScalerLink.refuse_scaler_step(self.__dict__)
         if closure is not None and not callable(closure):
             raise TypeError(f"fusedaccum: closure must be a callable or None, got {closure!r}")
-        self._refuse_weight_where_unsupported(weight)
+        self._mode.refuse_weight(weight)
+        self._reduction.refuse_weight(weight)
         w = window.check_weight(weight)
         window.check_weighting(weight is not None)
         ref = window.weight_ref_for(w, weight is not None)
@@ -310,48 +306,10 @@ class GradAccumulator(torch.optim.Optimizer):
         # leave the other ranks waiting in it); the reduction raises on every rank instead.
         if last and self._reduction.scales_locally and not grads and not masters.any_touched():
             raise RuntimeError(_no_grads_message(f"micro-step {window.micro_step + 1} of {window.accumulation_steps}"))
-        if hooks is not None:
-            # The hooks added this micro-step's grads; any they did not see (a .grad set by hand) take their path.
-            if grads:
-                masters.check_args(grads, self.param_groups)
-            for entry, grad in grads:
-                hooks.accumulate(entry, grad, masters, window, self._scaler, self._reduction.buckets)
-            hooks.finish_micro_step(masters, window, not self._reduction.scales_locally)
-            self._scaler.micro_step_counted()
-        else:
-            local_last = last and self._reduction.scales_locally
-            if local_last:
-                masters.zero_sumsq()  # scratch for this pass: a refused call below leaves nothing that matters
-            # w: this micro-step's weight, not yet counted; ref: the window's reference weight (Window.weight_ref_for)
-            masters.accumulate_(self.param_groups, grads, self._scaler.scale(w / ref),
-                                window.post_scale(w, ref) if local_last else 1.0, local_last)
-            for entry, _ in grads:
-                entry.param.grad = None  # consumed: the next backward writes a fresh grad, no zeroing pass needed
-            if local_last:
-                # Params that got a grad earlier in the window but not now still need the 1/W and the norm.
-                now = {id(entry) for entry, _ in grads}
-                masters.scale_only_([e for e in masters.touched_entries() if id(e) not in now],
-                                    window.post_scale(w, ref))
+        self._mode.micro_step(grads, w, ref, masters, window, self._scaler, self._reduction, self.param_groups)
         window.count(w, weight is not None, ref)
         result = self._finish_window() if last else None
         return loss if closure is not None else result
-
-    def _refuse_weight_where_unsupported(self, weight: Any) -> None:
-        if weight is None:
-            return
-        if self._hooks is not None:
-            raise ValueError(
-                "fusedaccum: step(weight=...) cannot be used with accumulate_in_backward=True: the hooks scale the "
-                "window's last micro-step by 1/sum(weights) during backward, before step() could give its weight. "
-                "Use the default mode (accumulate_in_backward=False) for weighted windows"
-            )
-        if self._config.fsdp:
-            raise ValueError(
-                "fusedaccum: step(weight=...) cannot be used with fsdp_module: FSDP averages each micro-batch's "
-                "gradient over the ranks in its reduce-scatter, before step() sees it, so per-rank weights cannot be "
-                "applied afterwards. Weight the loss instead (loss * w * world_size / global weight sum) with "
-                "reduction='sum'"
-            )
 
     @torch.compiler.disable
     def flush(self) -> bool:
@@ -397,7 +355,7 @@ class GradAccumulator(torch.optim.Optimizer):
         so; a window left at its last micro-step would never update again."""
         window, masters = self._window, self._masters
         try:
-            if not self._reduction.reduce(masters, window, self._hooks):
+            if not self._reduction.reduce(masters, window, self._mode):
                 return None  # flush() with every rank's window empty
             found, sumsq = self._reduction.agree(masters, masters.found(), masters.norm_squared())
             norm = sumsq.sqrt()
@@ -417,7 +375,7 @@ class GradAccumulator(torch.optim.Optimizer):
             window.grad_norm = norm.reshape(())
             if coef is not None and host[1] < 1.0:
                 masters.scale_all_(coef)
-            result = self._step_inner()
+            result = self._weights.step_optimizer(self._inner, masters.touched_entries())
             window.stepped = True
             return result
         except BaseException as error:
@@ -428,41 +386,10 @@ class GradAccumulator(torch.optim.Optimizer):
         finally:
             self._reset_window()
 
-    def _step_inner(self) -> Any:
-        """The wrapped optimizer's step on the window's gradient (the masters, as float32 or rounded once)."""
-        casts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        holders: list[torch.Tensor] = []
-        for e in self._masters.touched_entries():
-            master = self._weights.master_of(e.param)
-            if master is not None:
-                master.grad = e.view
-                holders.append(master)
-                continue
-            grad_dtype = getattr(e.param, "grad_dtype", e.param.dtype) or e.param.dtype
-            grad = e.view
-            if grad_dtype != torch.float32:
-                # bf16/fp16 params without master weights: the float32 mean, rounded once to the param dtype.
-                grad = torch.empty(e.view.shape, dtype=grad_dtype, device=e.view.device)
-                casts[0].append(grad)
-                casts[1].append(e.view)
-            e.param.grad = as_param_grad(e.param, grad)
-            holders.append(e.param)
-        ops.copy_(*casts)
-        self._weights.refresh()
-        try:
-            with self._weights.swapped_in(self._inner.param_groups):
-                result = self._inner.step()
-            self._weights.write_back()
-        finally:
-            for t in holders:
-                t.grad = None
-        return result
-
     def _reset_window(self) -> None:
         self._window.reset()
         self._masters.reset()
-        if self._hooks is not None:
-            self._hooks.reset()
+        self._mode.reset()
 
     # --------------------------------------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -478,18 +405,8 @@ class GradAccumulator(torch.optim.Optimizer):
         self._sync_layout()
         self._weights.refresh()  # a param changed since the last update must be saved as it is now
         state = self._inner.state_dict()  # with master_weights, its hooks show it the float32 master weights
-        masters = self._masters
-        found = masters.found()
-        state[_checkpoint.STATE_KEY] = {
-            "version": _checkpoint.STATE_VERSION,
-            **self._window.saved(),
-            "master_weights": self._config.master_weights,
-            "found_inf": bool(found.item()) if found is not None else False,
-            "layout": masters.describe(self.param_groups),
-            "touched": list(masters.touched),
-            "master_grads": list(masters.buffers.values()),
-            "master_weight_tensors": self._weights.saved([e.param for e in masters.entries]),
-        }
+        state[_checkpoint.STATE_KEY] = _checkpoint.entry(self._window, self._masters, self._weights,
+                                                         self.param_groups)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:
@@ -515,23 +432,13 @@ class GradAccumulator(torch.optim.Optimizer):
         inner_state = dict(state_dict)
         ours = inner_state.pop(_checkpoint.STATE_KEY, None)
         self._sync_layout()
-        masters = self._masters
-        params = [e.param for e in masters.entries]
         if ours is not None:
-            _checkpoint.check_entry(
-                ours, window=self._window, layout=masters.describe(self.param_groups),
-                master_weights=self._config.master_weights, buffers=list(masters.buffers.values()),
-                master_weight_shapes={i: p.shape for i, p in enumerate(params)
-                                      if self._weights.master_of(p) is not None},
-                in_backward=self._hooks is not None,
-            )
+            _checkpoint.check(ours, self._window, self._masters, self._weights, self.param_groups,
+                              self._mode.in_backward)
         self._inner.load_state_dict(inner_state)  # with master_weights, its hooks show it the master weights
         self._reset_window()
         if ours is not None:
-            masters.load(ours["master_grads"], ours["touched"])
-            self._weights.load(params, ours["master_weight_tensors"])
-            self._window.load(ours)
-            masters.set_found(None, ours["found_inf"])
+            _checkpoint.load(ours, self._window, self._masters, self._weights)
         self._scaler.micro_step_counted()  # the scaler may have been reloaded too
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -549,43 +456,16 @@ class GradAccumulator(torch.optim.Optimizer):
         self._weights.check(groups, trainable)
         masters.rebuild(groups, trainable)
         self._weights.follow([p for _, p in trainable], self._inner.state)
-        self._reduction.plan(masters, self._hooks is not None)
+        self._reduction.plan(masters, self._mode.in_backward)
         self._register_hooks()
 
     def _register_hooks(self) -> None:
-        if self._hooks is not None:
-            # FSDP2 shards: only the trainable ones (FSDP owns the others' gradient path).
-            params = ([e.param for e in self._masters.entries] if self._config.fsdp
-                      else [p for g in self.param_groups for p in g["params"]])
-            self._hooks.register(params, self._hook_callback)
+        self._mode.register(self._reduction.hooked_params(self._masters, self.param_groups), self._hook_callback)
 
     def _on_grad_accumulated(self, param: torch.Tensor) -> None:
         """accumulate_in_backward: autograd has finished ``param``'s grad for this backward."""
-        grad = param.grad
-        if grad is None:
-            return
-        hooks, masters = self._hooks, self._masters
-        with hooks.lock:
-            try:
-                check_grad(param, grad)
-            except (TypeError, ValueError) as error:
-                # Earlier grads of this backward are already in the masters and this one cannot be: the window
-                # cannot be completed as the large batch would, so it is dropped, and the error says so.
-                self._reset_window()
-                raise type(error)(f"{error}. The window was discarded (accumulate_in_backward had already added "
-                                  "other gradients of this backward)") from None
-            entry = masters.entry_of(param)
-            if entry is None:
-                if self._window.phase is Phase.REDUCING:
-                    return  # the layout cannot grow under a reduction: step() refuses, with its message
-                # Unfrozen since the last layout sync: its master now, where a wrapper built with it trainable has it.
-                self._sync_layout()
-                entry = masters.entry_of(param)
-                if entry is None:
-                    return  # not one of the wrapper's params any more: step() sees its grad
-            grad = local_grad(param, grad)  # FSDP2 runs these hooks on the sharded param, after its reduce-scatter
-            hooks.accumulate(entry, grad if grad.is_contiguous() else grad.contiguous(), masters, self._window,
-                             self._scaler, self._reduction.buckets)
+        self._mode.on_grad(param, self._masters, self._window, self._scaler, self._reduction, self._sync_layout,
+                           self._reset_window)
 
 
 def _no_grads_message(where: str) -> str:

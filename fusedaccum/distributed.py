@@ -30,6 +30,7 @@ FIRST_BUCKET_ELEMENTS = 2**20 // 4
 Span = tuple[Any, int, int]  # (buffer key, first element, element count) of one param in a flat buffer
 
 if TYPE_CHECKING:
+    from ._accumulation import AtStep
     from ._hooks import BackwardHooks
     from ._master_grads import MasterGrads
     from ._window import Window
@@ -42,10 +43,17 @@ class LocalReduction:
     buckets: BucketedAllReduce | None = None
     scales_locally = True  # the 1/W and the norm are applied by the last micro-step's own pass
 
+    def refuse_weight(self, weight: Any) -> None:
+        """Every rank's weights can be applied: nothing to refuse."""
+
+    def hooked_params(self, masters: MasterGrads, groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The params accumulate_in_backward hooks: all of them (a frozen one may be unfrozen later)."""
+        return [p for g in groups for p in g["params"]]
+
     def plan(self, masters: MasterGrads, in_backward: bool) -> None:
         """A new layout: nothing to plan."""
 
-    def reduce(self, masters: MasterGrads, window: Window, hooks: BackwardHooks) -> bool:
+    def reduce(self, masters: MasterGrads, window: Window, mode: AtStep | BackwardHooks) -> bool:
         """Makes the masters the update's gradient; False when there is nothing to update."""
         return True
 
@@ -57,6 +65,19 @@ class LocalReduction:
 class ShardAgreement(LocalReduction):
     """FSDP2: FSDP reduce-scatters (and averages over ranks) every backward's gradient; the masters hold this rank's
     shards, and one small all-reduce over the mesh per window makes the skip and the norm global."""
+
+    def refuse_weight(self, weight: Any) -> None:
+        if weight is not None:
+            raise ValueError(
+                "fusedaccum: step(weight=...) cannot be used with fsdp_module: FSDP averages each micro-batch's "
+                "gradient over the ranks in its reduce-scatter, before step() sees it, so per-rank weights cannot be "
+                "applied afterwards. Weight the loss instead (loss * w * world_size / global weight sum) with "
+                "reduction='sum'"
+            )
+
+    def hooked_params(self, masters: MasterGrads, groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Only the trainable shards: FSDP owns the others' gradient path."""
+        return [e.param for e in masters.entries]
 
     def agree(self, masters: MasterGrads, found: torch.Tensor, sumsq: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if masters.shard_group is None:
@@ -81,7 +102,7 @@ class AllReduceReduction(LocalReduction):
         first = min(self.bucket_elements, FIRST_BUCKET_ELEMENTS) if in_backward else self.bucket_elements
         self.buckets.plan(masters.buffers, spans, first)
 
-    def reduce(self, masters: MasterGrads, window: Window, hooks: BackwardHooks) -> bool:
+    def reduce(self, masters: MasterGrads, window: Window, mode: AtStep | BackwardHooks) -> bool:
         # Untouched regions may hold an earlier window's values; they must not enter the sum when another rank did
         # get a gradient for this param. (Never part of a bucket already issued: those hold only final params.)
         masters.zero_untouched()
@@ -90,15 +111,14 @@ class AllReduceReduction(LocalReduction):
         # One small float64 SUM all-reduce carries everything the ranks must agree on (float64: token-count
         # weight sums stay exact to 2**53). Flags are 0/1 per rank, so "sum > 0" is the MAX (any rank) decision.
         n = len(masters.entries)
-        in_backward = hooks is not None
-        meta = torch.zeros(4 + n * (2 if in_backward else 1), dtype=torch.float64, device=device)
+        meta = torch.zeros(4 + n * (2 if mode.in_backward else 1), dtype=torch.float64, device=device)
         meta[0] = found[0]
         meta[1] = window.weight_sum
         if window.micro_step:
             meta[2 if window.weighted else 3] = 1.0
         flags = [float(t) for t in masters.touched]
-        if in_backward:  # which params got a grad after their bucket had been issued (reduce_late)
-            flags += [float(i in hooks.late) for i in range(n)]
+        if mode.in_backward:  # which params got a grad after their bucket had been issued (reduce_late)
+            flags += [float(i in mode.late) for i in range(n)]
         if flags:
             meta[4:] = torch.tensor(flags, dtype=torch.float64).to(device)
         # Every collective is issued before any is waited on: the backend can then work on several buckets at once
@@ -114,8 +134,8 @@ class AllReduceReduction(LocalReduction):
         masters.touched = [t > 0 for t in host[4 : 4 + n]]
         late = [i for i, t in enumerate(host[4 + n :]) if t > 0]
         if late:
-            reduce_late([e.view for e in masters.entries], hooks.late, late, self.group)
-            hooks.late.clear()
+            reduce_late([e.view for e in masters.entries], mode.late, late, self.group)
+            mode.late.clear()
         if n_weighted and n_unweighted:
             raise ValueError(
                 "fusedaccum: in this window some ranks passed step(weight=...) and others did not; weights must be "

@@ -1363,7 +1363,7 @@ def test_in_backward_add_param_group_and_late_unfreeze():
                 acc.step()
             assert_same_state(*pair, norm_exact=False)
     model, acc = pair[1]
-    assert len(acc._hooks._handles) == 4  # every param trainable now, each hooked once
+    assert len(acc._mode._handles) == 4  # every param trainable now, each hooked once
     for p in model.parameters():
         assert len(p._post_accumulate_grad_hooks) == 1
 

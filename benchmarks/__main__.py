@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from . import plots
 
         pngs = plots.plot_all(path)
+        plots.remove_other_runs_plots(path)
     print_summary(data)
     print(f"\nresults: {path}" + "".join(f"\nplot:    {p}" for p in pngs))
     print(f"elapsed: {data['elapsed_s']:.0f} s")

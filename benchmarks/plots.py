@@ -146,6 +146,19 @@ def plot_all(json_path: Path) -> list[Path]:
     return written
 
 
+def remove_other_runs_plots(json_path: Path | str) -> list[Path]:
+    """The PNGs of the other runs beside ``json_path``: only the latest run's plots are kept (every run's JSON is,
+    and ``python -m benchmarks.plots <run>.json`` redraws its plots). Returns what was removed."""
+    json_path = Path(json_path)
+    own = json_path.with_suffix("").name + "_"
+    removed = []
+    for png in json_path.parent.glob("*.png"):
+        if not png.name.startswith(own) and png.with_name(png.name.rsplit("_", 1)[0] + ".json").exists():
+            png.unlink()
+            removed.append(png)
+    return removed
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path)

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "accumulate_math.h"
 #include "argument_checks.h"
 
 TORCH_LIBRARY_FRAGMENT(fusedaccum, m) {
@@ -31,6 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         return fusedaccum::pairs_valid(dsts, srcs, true, false, {}, {});
       },
       "True if fusedaccum.ops.copy_ would accept these tensors");
+  // The kernels' work split (accumulate_math.h), for the Triton kernel and the tests to agree with.
+  module.attr("chunk_elements") = fusedaccum::kChunkElements;
 #ifdef FUSEDACCUM_WITH_CUDA
   module.attr("built_with_cuda") = true;
 #else

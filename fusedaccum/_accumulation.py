@@ -23,7 +23,7 @@ class AtStep:
     in_backward = False
 
     def __init__(self) -> None:
-        self.late: dict[int, torch.Tensor] = {}  # the hooks' late grads; never any here
+        self.held_back: dict[int, torch.Tensor] = {}  # the hooks' late grads held back; never any here
 
     def refuse_weight(self, weight: Any) -> None:
         """Weights are known at step(), before the grads are added: any is fine."""

@@ -37,7 +37,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def entry(window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]]) -> dict:
+def assemble(window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]]) -> dict:
     """The wrapper's entry of its state dict (tensors are references, as in Optimizer.state_dict). Reading the
     window's inf flag costs one host sync."""
     found = masters.found()
@@ -53,16 +53,16 @@ def entry(window: Window, masters: MasterGrads, weights: MasterWeights, groups: 
     }
 
 
-def load(ours: dict[str, Any], window: Window, masters: MasterGrads, weights: MasterWeights) -> None:
+def load(saved: dict[str, Any], window: Window, masters: MasterGrads, weights: MasterWeights) -> None:
     """Loads a checked entry into the parts (whose window has just been reset)."""
-    masters.load(ours["master_grads"], ours["touched"])
-    weights.load([e.param for e in masters.entries], ours["master_weight_tensors"])
-    window.load(ours)
-    masters.set_found(None, ours["found_inf"])
+    masters.load(saved["master_grads"], saved["touched"])
+    weights.load([e.param for e in masters.entries], saved["master_weight_tensors"])
+    window.load(saved)
+    masters.set_found(None, saved["found_inf"])
 
 
 def check(
-    ours: Any, window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]],
+    entry: Any, window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]],
     in_backward: bool,
 ) -> None:
     """Every field of a saved entry, checked against its type, its range, the other fields and this wrapper's
@@ -72,58 +72,59 @@ def check(
     buffers = list(masters.buffers.values())
     params = [e.param for e in masters.entries]
     master_weight_shapes = {i: p.shape for i, p in enumerate(params) if weights.master_of(p) is not None}
-    if not isinstance(ours, dict):
+    if not isinstance(entry, dict):
         raise ValueError(
-            f"fusedaccum: the state dict's {STATE_KEY!r} entry must be a dict, got a {type(ours).__name__}"
+            f"fusedaccum: the state dict's {STATE_KEY!r} entry must be a dict, got a {type(entry).__name__}"
         )
-    if ours.get("version") != STATE_VERSION:
-        raise ValueError(f"fusedaccum: unknown GradAccumulator state version {ours.get('version')!r}")
+    if entry.get("version") != STATE_VERSION:
+        raise ValueError(f"fusedaccum: unknown GradAccumulator state version {entry.get('version')!r}")
     for name, kinds in FIELDS.items():
-        if name not in ours:
+        if name not in entry:
             raise ValueError(f"fusedaccum: the state dict's {STATE_KEY!r} entry has no {name!r} field")
-        value = ours[name]
+        value = entry[name]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise ValueError(
                 f"fusedaccum: the state dict's {STATE_KEY}[{name!r}] is a {type(value).__name__}; expected "
                 f"{' or '.join('None' if k is type(None) else k.__name__ for k in kinds)}"
             )
-    if ours["layout"] != layout:
+    if entry["layout"] != layout:
         try:
-            difference = first_difference(ours["layout"], layout)
+            difference = first_difference(entry["layout"], layout)
         except (KeyError, TypeError, ValueError):
-            difference = f"{ours['layout']!r} saved vs {layout!r} here"
+            difference = f"{entry['layout']!r} saved vs {layout!r} here"
         raise ValueError(
             f"fusedaccum: this state dict comes from another parameter layout and cannot be loaded here: {difference}"
         )
-    if ours["master_weights"] != master_weights:
+    if entry["master_weights"] != master_weights:
         raise ValueError(
-            f"fusedaccum: the state dict was saved with master_weights={ours['master_weights']}, this wrapper "
+            f"fusedaccum: the state dict was saved with master_weights={entry['master_weights']}, this wrapper "
             f"has master_weights={master_weights}"
         )
-    window.check_saved(ours)
+    window.check_saved(entry)
 
     def refuse(what: str) -> None:
         raise ValueError(f"fusedaccum: the state dict's {STATE_KEY!r} entry is inconsistent: {what}")
 
-    touched = ours["touched"]
+    touched = entry["touched"]
     entries = len(layout["params"])
     if len(touched) != entries or not all(isinstance(t, bool) for t in touched):
         refuse(f"'touched' must be {entries} bools (one per trainable param), got {touched!r}")
-    if ours["micro_step"] == 0 and any(touched):
+    if entry["micro_step"] == 0 and any(touched):
         refuse("params marked as touched at micro_step 0")
-    saved = ours["master_grads"]
-    if len(saved) != len(buffers):
-        refuse(f"{len(saved)} master_grads buffers saved, this layout has {len(buffers)}")
-    for i, (tensor, buffer) in enumerate(zip(saved, buffers)):
+    saved_buffers = entry["master_grads"]
+    if len(saved_buffers) != len(buffers):
+        refuse(f"{len(saved_buffers)} master_grads buffers saved, this layout has {len(buffers)}")
+    for i, (tensor, buffer) in enumerate(zip(saved_buffers, buffers)):
         _check_float32(refuse, f"master_grads[{i}]", tensor, buffer.shape)
-    weights = ours["master_weight_tensors"]
-    if {k for k in weights if isinstance(k, int)} != set(master_weight_shapes) or len(weights) != len(
+    saved_weights = entry["master_weight_tensors"]
+    if {k for k in saved_weights if isinstance(k, int)} != set(master_weight_shapes) or len(saved_weights) != len(
         master_weight_shapes
     ):
-        refuse(f"master_weight_tensors for params {sorted(weights, key=str)}, expected {sorted(master_weight_shapes)}")
-    for i, tensor in weights.items():
+        refuse(f"master_weight_tensors for params {sorted(saved_weights, key=str)}, expected "
+               f"{sorted(master_weight_shapes)}")
+    for i, tensor in saved_weights.items():
         _check_float32(refuse, f"master_weight_tensors[{i}]", tensor, master_weight_shapes[i])
-    if ours["micro_step"] and ours["weighted"] and in_backward:
+    if entry["micro_step"] and entry["weighted"] and in_backward:
         raise ValueError(
             "fusedaccum: the state dict holds a half-finished weighted window (step(weight=...)); "
             "accumulate_in_backward=True cannot continue it (weights are refused in that mode). Load it at a "

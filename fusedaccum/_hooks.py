@@ -31,11 +31,11 @@ class BackwardHooks:
 
     def __init__(self) -> None:
         self._handles: dict[int, tuple[torch.Tensor, Any]] = {}  # id(param) -> (param, handle)
-        self.fresh: set[int] = set()  # params (by id) whose grad a hook consumed since the last step()
+        self.consumed: set[int] = set()  # params (by id) whose grad a hook consumed since the last step()
         self._sumsq_stale = False  # a param got a second grad after its master was final (last micro-step)
         # Distributed: grads that arrived in the last micro-step after their bucket's all-reduce had been issued, by
         # entry index (reduced separately at step(): distributed.reduce_late).
-        self.late: dict[int, torch.Tensor] = {}
+        self.held_back: dict[int, torch.Tensor] = {}
         # Autograd runs the hooks of CPU params on the thread that called backward and those of each CUDA device on
         # that device's thread: with params on several devices, hooks run concurrently. They share the window's
         # bookkeeping (and the bucket issue order, which every rank must follow), so they take turns.
@@ -105,24 +105,24 @@ class BackwardHooks:
         last = window.is_last  # known before backward: the micro-step step() will count next
         distributed = reducer is not None
         scale = scaler.hooked_scale()
-        if last and not self.fresh:
+        if last and not self.consumed:
             if distributed:
                 # The first grad of the last backward: no bucket is issued yet; count each one's params afresh.
                 reducer.start_final_backward()
             else:
                 masters.zero_sumsq()  # the first grad of the last micro-step starts the window's norm²
-        again = last and key in self.fresh
-        if again and distributed and reducer.param_issued(index):
+        second_grad = last and key in self.consumed
+        if second_grad and distributed and reducer.param_issued(index):
             # A second grad for this param in the last micro-step (two backwards before one step()) after its
             # bucket's all-reduce was issued: that region is the collective's now. Keep the grad aside; step()
             # all-reduces such grads once more, on every rank, and adds them (distributed.reduce_late).
-            held = self.late.get(index)
+            held = self.held_back.get(index)
             first = held is None
             if first:
                 held = torch.empty(entry.view.shape, dtype=torch.float32, device=entry.key[0])
             masters.accumulate_one_(entry, grad, scale, overwrite=first, into=held)
-            self.late[index] = held  # only once it holds the grad: a refused call leaves no garbage behind
-        elif again and not distributed:
+            self.held_back[index] = held  # only once it holds the grad: a refused call leaves no garbage behind
+        elif second_grad and not distributed:
             # A second grad for this param in the last micro-step (in the default mode they would have summed in
             # .grad): its master is already final, m = (M + g1 s) / W, so add g2 s / W. Its sumsq term is now
             # stale: step() recounts sumsq.
@@ -135,10 +135,10 @@ class BackwardHooks:
                 post_scale=window.post_scale(1.0) if local_last else 1.0, with_sumsq=local_last,
             )
         masters.touched[index] = True
-        self.fresh.add(key)
+        self.consumed.add(key)
         window.enter(Phase.REDUCING if last and distributed else Phase.BACKWARD_NOT_COUNTED)
         entry.param.grad = None  # freed now: at most one param's low-precision grad is alive during backward
-        if last and distributed and not again:
+        if last and distributed and not second_grad:
             reducer.param_final(index)
 
     def refuse_weight(self, weight: Any) -> None:
@@ -167,9 +167,9 @@ class BackwardHooks:
         1/W too, and the norm up to date."""
         if window.is_last and scales_locally:  # distributed: the 1/W and the norm come after the reduction
             post_scale = window.post_scale(1.0)
-            if not self.fresh:
+            if not self.consumed:
                 masters.zero_sumsq()  # no grad at all this micro-step: sumsq still holds the previous window's norm²
-            lagging = [e for e, t in zip(masters.entries, masters.touched) if t and id(e.param) not in self.fresh]
+            lagging = [e for e, t in zip(masters.entries, masters.touched) if t and id(e.param) not in self.consumed]
             masters.scale_only_(lagging, post_scale)
             if self._sumsq_stale:
                 # A param got a second grad after its master was final: its sumsq term is out of date. Recount all
@@ -179,13 +179,13 @@ class BackwardHooks:
         self.micro_step_counted()
 
     def micro_step_counted(self) -> None:
-        self.fresh.clear()
+        self.consumed.clear()
         self._sumsq_stale = False
 
     def reset(self) -> None:
         """A new window."""
         self.micro_step_counted()
-        self.late.clear()
+        self.held_back.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         # Hook handles point at the original params, locks do not copy, the fresh grads of a backward in progress

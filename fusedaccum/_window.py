@@ -174,11 +174,11 @@ class Window:
             "grad_norm": self.grad_norm,
         }
 
-    def check_saved(self, ours: dict[str, Any]) -> None:
+    def check_saved(self, saved: dict[str, Any]) -> None:
         """The window's fields of a saved entry (types already checked): ranges and consistency with each other
         and with this window's settings."""
         micro_step, steps, weight_sum, weighted = (
-            ours["micro_step"], ours["accumulation_steps"], ours["weight_sum"], ours["weighted"]
+            saved["micro_step"], saved["accumulation_steps"], saved["weight_sum"], saved["weighted"]
         )
 
         def refuse(what: str) -> None:
@@ -188,10 +188,10 @@ class Window:
             refuse(f"accumulation_steps={steps} (must be >= 1)")
         if not 0 <= micro_step < steps:
             refuse(f"micro_step={micro_step} with accumulation_steps={steps} (0 <= micro_step < accumulation_steps)")
-        if ours["reduction"] not in ("mean", "sum"):
-            refuse(f"reduction={ours['reduction']!r}")
-        if ours["skipped_windows"] < 0:
-            refuse(f"skipped_windows={ours['skipped_windows']}")
+        if saved["reduction"] not in ("mean", "sum"):
+            refuse(f"reduction={saved['reduction']!r}")
+        if saved["skipped_windows"] < 0:
+            refuse(f"skipped_windows={saved['skipped_windows']}")
         if not (math.isfinite(weight_sum) and weight_sum >= 0):
             refuse(f"weight_sum={weight_sum} (must be finite and >= 0)")
         if micro_step == 0 and weight_sum != 0:
@@ -202,30 +202,30 @@ class Window:
             refuse(f"weight_sum={weight_sum} after {micro_step} unweighted micro-steps")
         if micro_step > 0 and weighted and weight_sum <= 0:
             refuse(f"weight_sum={weight_sum} after {micro_step} weighted micro-steps")
-        ref = ours.get("weight_ref", 1.0)  # optional: absent from state dicts written before it existed
+        ref = saved.get("weight_ref", 1.0)  # optional: absent from state dicts written before it existed
         if isinstance(ref, bool) or not isinstance(ref, (float, int)) or not (
             math.isfinite(ref) and ref > 0 and math.frexp(ref)[0] == 0.5
         ):
             refuse(f"weight_ref={ref!r} (must be a power of two)")
         if ref != 1.0 and not (micro_step > 0 and weighted):
             refuse(f"weight_ref={ref} outside a weighted window")
-        norm = ours["grad_norm"]
+        norm = saved["grad_norm"]
         if norm is not None and (not norm.is_floating_point() or norm.numel() != 1):
             refuse(f"grad_norm must be a one-element float tensor, got {norm.dtype} of shape {tuple(norm.shape)}")
-        if micro_step and (steps != self.accumulation_steps or ours["reduction"] != self.reduction):
+        if micro_step and (steps != self.accumulation_steps or saved["reduction"] != self.reduction):
             raise ValueError(
                 f"fusedaccum: the state dict holds a half-finished window of accumulation_steps="
-                f"{steps}, reduction={ours['reduction']!r}; this wrapper has "
+                f"{steps}, reduction={saved['reduction']!r}; this wrapper has "
                 f"{self.accumulation_steps}, {self.reduction!r}. Load it at a window boundary or with equal settings"
             )
 
-    def load(self, ours: dict[str, Any]) -> None:
-        self.micro_step = int(ours["micro_step"])
-        self.weight_sum = float(ours["weight_sum"])
-        self.weight_ref = float(ours.get("weight_ref", 1.0))  # absent before it existed: unnormalised masters
-        self.weighted = ours["weighted"]
-        self.stepped = bool(ours["stepped"])
-        self.skipped_windows = int(ours["skipped_windows"])
-        norm = ours["grad_norm"]
+    def load(self, saved: dict[str, Any]) -> None:
+        self.micro_step = int(saved["micro_step"])
+        self.weight_sum = float(saved["weight_sum"])
+        self.weight_ref = float(saved.get("weight_ref", 1.0))  # absent before it existed: unnormalised masters
+        self.weighted = saved["weighted"]
+        self.stepped = bool(saved["stepped"])
+        self.skipped_windows = int(saved["skipped_windows"])
+        norm = saved["grad_norm"]
         self.grad_norm = None if norm is None else norm.detach().clone()
         self.phase = Phase.ACCUMULATING

@@ -362,12 +362,12 @@ class GradAccumulator(torch.optim.Optimizer):
             # Finite grads can still sum past float32's range in the masters: a non-finite norm skips the window
             # too, read in the same host sync as the flag.
             found = torch.maximum(found, (~torch.isfinite(sumsq)).to(found.dtype))
-            coef = probe = None
+            coef = None
             if self._config.max_grad_norm is not None:
                 # clip_grad_norm_'s arithmetic, on the device: coef = min(max_norm / (norm + 1e-6), 1).
                 coef = torch.clamp(self._config.max_grad_norm / (norm + 1e-6), max=1.0)
-                probe = torch.cat([found, coef])
-            host = (found if probe is None else probe).tolist()  # the one host sync per window: skip or step
+            # The one host sync per window: skip or step (and whether to clip) must be decided on the host.
+            host = (found if coef is None else torch.cat([found, coef])).tolist()
             self._scaler.update(id(self), found)
             if host[0] != 0.0:
                 window.skipped()
@@ -399,19 +399,14 @@ class GradAccumulator(torch.optim.Optimizer):
         Like ``Optimizer.state_dict``, tensors are references: ``torch.save`` it (or deep-copy it) before training
         on. Reading the window's inf flag costs one host sync.
         """
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+        self._through_hooks(self._optimizer_state_dict_pre_hooks)
         self._window.refuse_uncounted("state_dict()")
         self._sync_layout()
         self._weights.refresh()  # a param changed since the last update must be saved as it is now
         state = self._inner.state_dict()  # with master_weights, its hooks show it the float32 master weights
-        state[_checkpoint.STATE_KEY] = _checkpoint.entry(self._window, self._masters, self._weights,
+        state[_checkpoint.STATE_KEY] = _checkpoint.assemble(self._window, self._masters, self._weights,
                                                          self.param_groups)
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state)
-            if result is not None:
-                state = result
-        return state
+        return self._through_hooks(self._optimizer_state_dict_post_hooks, state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (or a plain state dict of the wrapped optimizer's type, which starts a fresh
@@ -425,23 +420,26 @@ class GradAccumulator(torch.optim.Optimizer):
         self._window.refuse_reducing("load_state_dict() was called", undo=False)
         if not isinstance(state_dict, dict):
             raise TypeError(f"fusedaccum: load_state_dict expects a dict, got a {type(state_dict).__name__}")
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        inner_state = dict(state_dict)
-        ours = inner_state.pop(_checkpoint.STATE_KEY, None)
+        inner_state = dict(self._through_hooks(self._optimizer_load_state_dict_pre_hooks, state_dict))
+        saved = inner_state.pop(_checkpoint.STATE_KEY, None)
         self._sync_layout()
-        if ours is not None:
-            _checkpoint.check(ours, self._window, self._masters, self._weights, self.param_groups,
+        if saved is not None:
+            _checkpoint.check(saved, self._window, self._masters, self._weights, self.param_groups,
                               self._mode.in_backward)
         self._inner.load_state_dict(inner_state)  # with master_weights, its hooks show it the master weights
         self._reset_window()
-        if ours is not None:
-            _checkpoint.load(ours, self._window, self._masters, self._weights)
+        if saved is not None:
+            _checkpoint.load(saved, self._window, self._masters, self._weights)
         self._scaler.micro_step_counted()  # the scaler may have been reloaded too
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        self._through_hooks(self._optimizer_load_state_dict_post_hooks)
+
+    def _through_hooks(self, registry: OrderedDict, *value: Any) -> Any:
+        """Optimizer's hook protocol: each hook gets (self, *value); one that returns something replaces value."""
+        for hook in registry.values():
+            result = hook(self, *value)
+            if value and result is not None:
+                value = (result,)
+        return value[0] if value else None
 
     # --------------------------------------------------------------------------------------------- layout
     def _sync_layout(self, trainable: Params | None = None, force: bool = False) -> None:

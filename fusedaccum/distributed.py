@@ -118,7 +118,7 @@ class AllReduceReduction(LocalReduction):
             meta[2 if window.weighted else 3] = 1.0
         flags = [float(t) for t in masters.touched]
         if mode.in_backward:  # which params got a grad after their bucket had been issued (reduce_late)
-            flags += [float(i in mode.late) for i in range(n)]
+            flags += [float(i in mode.held_back) for i in range(n)]
         if flags:
             meta[4:] = torch.tensor(flags, dtype=torch.float64).to(device)
         # Every collective is issued before any is waited on: the backend can then work on several buckets at once
@@ -134,8 +134,8 @@ class AllReduceReduction(LocalReduction):
         masters.touched = [t > 0 for t in host[4 : 4 + n]]
         late = [i for i, t in enumerate(host[4 + n :]) if t > 0]
         if late:
-            reduce_late([e.view for e in masters.entries], mode.late, late, self.group)
-            mode.late.clear()
+            reduce_late([e.view for e in masters.entries], mode.held_back, late, self.group)
+            mode.held_back.clear()
         if n_weighted and n_unweighted:
             raise ValueError(
                 "fusedaccum: in this window some ranks passed step(weight=...) and others did not; weights must be "

@@ -28,7 +28,8 @@ def report() -> str:
         from fusedaccum import _build_info as build
 
         lines.append(
-            f"built      backends {', '.join(build.COMPILED_BACKENDS)}; for torch {build.TORCH_VERSION}; "
+            f"built      backends {', '.join(build.COMPILED_BACKENDS)}; for torch {build.TORCH_VERSION} "
+            f"(CUDA {build.TORCH_CUDA_VERSION or 'none'}); "
             f"CUDA toolkit {build.CUDA_TOOLKIT or '-'}; archs {build.CUDA_ARCH_LIST or '-'}"
         )
     except ImportError:

@@ -20,7 +20,7 @@ import torch
 
 from . import backends, reference
 
-Scale = float | int | torch.Tensor
+Scale = reference.Scale
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-Scale = float | torch.Tensor
+Scale = float | int | torch.Tensor  # a number or a one-element float32 tensor
 
 
 def _scale_of(scale: Scale, dtype: torch.dtype) -> Scale:

@@ -173,3 +173,20 @@ def test_time_budget_skips_the_cases_left_and_says_so() -> None:
     budget_skips = [s for s in section["skipped"] if "time budget" in s["reason"]]
     cases = sum(len(w.variants) for w in plan.workloads) * len(plan.providers)
     assert len(budget_skips) == cases > 0
+
+
+def test_only_the_latest_runs_plots_are_kept(tmp_path: Path) -> None:
+    """Every run's JSON stays; the PNGs of older runs go (they can be redrawn from their JSON)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from benchmarks import plots
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+
+    for stem in ("old", "new"):
+        (tmp_path / f"{stem}.json").write_text("{}")
+        (tmp_path / f"{stem}_flat.png").write_bytes(b"png")
+    (tmp_path / "unrelated.png").write_bytes(b"png")  # no JSON of its own: not a run's plot
+    removed = plots.remove_other_runs_plots(tmp_path / "new.json")
+    assert removed == [tmp_path / "old_flat.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "new_flat.png", "old.json", "unrelated.png"]

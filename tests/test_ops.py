@@ -379,6 +379,18 @@ def test_read_only_grads_may_require_grad():
         assert torch.equal(m, g.detach().float() * 0.5)
 
 
+def test_one_chunk_size_everywhere():
+    """The C++/CUDA kernels' chunk (accumulate_math.h, exported by _C), the Triton kernel's and the tests' agree:
+    the per-chunk sumsq partials, and so the norm's bits, depend on it."""
+    extension, reason = backends.compiled_extension()
+    if extension is None:
+        pytest.skip(reason)
+    assert extension.chunk_elements == CHUNK
+    kernels, reason = backends.triton_kernels()
+    if kernels is not None:
+        assert kernels.CHUNK == CHUNK
+
+
 def test_compiled_precheck_accepts_valid_arguments():
     """A pre-check that said no to good input would only cost speed, silently: make it loud here."""
     extension, reason = backends.compiled_extension()

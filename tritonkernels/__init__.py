@@ -5,7 +5,7 @@ Importing this package imports triton; ``fusedaccum`` imports it only after chec
 
 import os
 
-from .accumulate import accumulate_triton
+from .accumulate import CHUNK, accumulate_triton
 
 
 def _backport_interpreter_index() -> None:
@@ -30,4 +30,4 @@ def _backport_interpreter_index() -> None:
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _backport_interpreter_index()
 
-__all__ = ["accumulate_triton"]
+__all__ = ["CHUNK", "accumulate_triton"]

@@ -1,7 +1,8 @@
 """GradAccumulator across processes: CPU, gloo, loopback, processes started by the tests themselves.
 
-Each world size runs one group of worker processes that goes through every scenario (starting processes and
-importing torch dominates the cost); the workers assert, and a failure comes back as the worker's traceback.
+Each scenario is a test of its own, for 2 and 3 processes. One group of worker processes per world size goes through
+the scenarios (starting processes and importing torch dominates the cost); the workers assert, a failure comes back
+as the worker's traceback, and the scenarios after a failed one run in a new group, so no failure hides another.
 Every scenario is checked against a single-process large batch of the same global batch, computed in the worker.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -601,39 +603,96 @@ def _scenario_fsdp_in_backward(rank: int, world: int) -> None:
         assert abs(acc.grad_norm.item() - plain_acc.grad_norm.item()) <= REL * plain_acc.grad_norm.item()
 
 
-def _worker(rank: int, world: int, store_path: str) -> None:
+SCENARIOS: dict[str, Callable[[int, int], None]] = {
+    "plain": _scenario_plain,
+    "ddp_weighted": _scenario_ddp_weighted,
+    "ddp_checkpoint": _scenario_ddp_checkpoint,
+    "overlap_bitwise": _scenario_overlap_bitwise,
+    "overlap_edges": _scenario_overlap_edges,
+    "fsdp": _scenario_fsdp,
+    "fsdp_checkpoint": _scenario_fsdp_checkpoint,
+    "fsdp_in_backward": _scenario_fsdp_in_backward,
+}
+
+
+def _worker(rank: int, world: int, folder: str, names: list[str]) -> None:
+    """Runs the named scenarios in order, writing <name>.rank<r>.ok or .failed (the traceback) into ``folder``; the
+    first failure ends this process (the other ranks may be waiting in a collective: mp.spawn ends them)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Loopback only: gloo otherwise resolves the host name to pick an interface, which in containers can be one
     # the other ranks cannot reach.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     # A file store rather than a TCP port: no race for a free port between tests (gloo still talks over loopback).
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
-        _scenario_plain(rank, world)
-        _scenario_ddp_weighted(rank, world)
-        _scenario_ddp_checkpoint(rank, world)
-        _scenario_overlap_bitwise(rank, world)
-        _scenario_overlap_edges(rank, world)
-        _scenario_fsdp(rank, world)
-        _scenario_fsdp_checkpoint(rank, world)
-        _scenario_fsdp_in_backward(rank, world)
+        for name in names:
+            try:
+                SCENARIOS[name](rank, world)
+            except BaseException:
+                Path(folder, f"{name}.rank{rank}.failed").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+                sys.stdout.flush()
+                os._exit(1)
+            Path(folder, f"{name}.rank{rank}.ok").touch()
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
     # Skip the interpreter's shutdown, where a gloo worker thread still freeing a finished collective's tensors can
     # abort the process (the group outlives destroy_process_group() under DDP/FSDP): examples/ddp_accumulate.py
-    # has the details. Failures never reach this line: they raise and mp.spawn reports them.
+    # has the details. Failures never reach this line.
     sys.stdout.flush()
     os._exit(0)
 
 
+@pytest.fixture(scope="module")
+def scenario_failures(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[str, str | None]]:
+    """world -> {scenario: None (passed) or what failed}, each world size run once for the whole module."""
+    cache: dict[int, dict[str, str | None]] = {}
+
+    def run(world: int) -> dict[str, str | None]:
+        if world in cache:
+            return cache[world]
+        outcome: dict[str, str | None] = {}
+        remaining = list(SCENARIOS)
+        # Spawned workers import this module by name (tests.test_distributed): they need the repository root on
+        # sys.path, which pytest's importlib mode does not add (multiprocessing hands sys.path to the children).
+        root = str(Path(__file__).resolve().parents[1])
+        sys.path.insert(0, root)
+        try:
+            while remaining:
+                folder = tmp_path_factory.mktemp(f"world{world}")
+                ended = None
+                try:
+                    mp.spawn(_worker, args=(world, str(folder), remaining), nprocs=world, join=True)
+                except Exception as error:  # a scenario failed (its traceback is in folder) or a worker died
+                    ended = error
+                for name in list(remaining):
+                    failed = sorted(folder.glob(f"{name}.rank*.failed"))
+                    if failed:
+                        outcome[name] = "\n".join(f.read_text() for f in failed)
+                    elif len(list(folder.glob(f"{name}.rank*.ok"))) == world:
+                        outcome[name] = None
+                    elif ended is not None:  # no traceback: a worker died in this scenario
+                        outcome[name] = f"the workers ended during this scenario without a traceback: {ended}"
+                    else:
+                        break
+                    remaining.remove(name)
+                    if outcome[name] is not None:
+                        break  # the scenarios after it run in a new group
+        finally:
+            sys.path.remove(root)
+        cache[world] = outcome
+        return outcome
+
+    return run
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_multi_process(world: int, tmp_path, monkeypatch) -> None:
-    # Spawned workers import this module by name (tests.test_distributed): they need the repository root on
-    # sys.path, which pytest's importlib mode does not add (multiprocessing hands sys.path to the children).
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_multi_process(scenario: str, world: int, scenario_failures) -> None:
+    failure = scenario_failures(world)[scenario]
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
 
 
 def test_refusals() -> None:

@@ -7,7 +7,7 @@
 """
 
 from . import backends, ops, reference
-from .accumulator import GradAccumulator
+from .accumulator import GradAccumulator, MasterGradBuffer
 from .backends import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -15,4 +15,4 @@ __version__ = "0.1.0"
 # Load the compiled kernels now so a missing or stale build warns once, at import, and never raises.
 backends.compiled_extension()
 
-__all__ = ["BackendUnavailableError", "GradAccumulator", "__version__", "backends", "ops", "reference"]
+__all__ = ["BackendUnavailableError", "GradAccumulator", "MasterGradBuffer", "__version__", "backends", "ops", "reference"]

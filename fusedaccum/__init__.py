@@ -15,4 +15,6 @@ __version__ = "0.1.0"
 # Load the compiled kernels now so a missing or stale build warns once, at import, and never raises.
 backends.compiled_extension()
 
-__all__ = ["BackendUnavailableError", "GradAccumulator", "MasterGradBuffer", "__version__", "backends", "ops", "reference"]
+__all__ = [
+    "BackendUnavailableError", "GradAccumulator", "MasterGradBuffer", "__version__", "backends", "ops", "reference",
+]

@@ -15,7 +15,7 @@ TOOLS = ninja pybind11 pytest hypothesis numpy matplotlib tqdm packaging setupto
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all build test test-slow bench check-cpu-torch check-oldest-torch lint clean
+.PHONY: all build test test-slow bench check-cpu-torch check-oldest-torch check-cuda-emulated lint clean
 
 all: test
 
@@ -71,6 +71,12 @@ check-oldest-torch:
 	@grep -h "fusedaccum setup" $(OLDEST_VENV)/build.log | sort -u
 	cd $(OLDEST_VENV)/src && ../bin/python -m fusedaccum.info
 	cd $(OLDEST_VENV)/src && ../bin/pytest
+
+# The CUDA kernel on the CPU under the SIMT emulation of tests/simt, with ThreadSanitizer (64 threads per block)
+# and with AddressSanitizer + UBSan, then the mutation check: classic bugs injected into a copy of the kernel must
+# each fail the emulated suite (tests/simt/check.py says which check caught each). About 4 minutes on 2 cores.
+check-cuda-emulated: build
+	$(VENV)/bin/python tests/simt/check.py --pytest
 
 # A copy of the tracked and untracked-but-not-ignored files in $(1)/src.
 define copy_tree

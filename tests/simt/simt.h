@@ -24,6 +24,9 @@
 //   later fence), relaxed atomics create no happens-before, and fiber switches within a worker synchronize,
 //   so TSan sees races between blocks on different workers (e.g. a missing __threadfence), not between the
 //   threads of one block (those show up as wrong values: poisoned shared memory, shuffled thread order).
+//   Every other atomic read-modify-write first sleeps 2 ms under TSan, so other blocks run in the window
+//   between a thread's fence and its atomic: a fence missing on the reading side is then seen too (in the
+//   mutation check: 5 runs of 5).
 //   TSan tracks a limited number of threads: build the TSan variant with fewer threads per block
 //   (FUSEDACCUM_THREADS_PER_BLOCK=64). Under AddressSanitizer the fiber stacks are annotated.
 //
@@ -45,6 +48,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -277,7 +281,7 @@ struct Launch final : LaunchBase {
   void run_thread() override { std::apply(kernel, args); }
 };
 
-enum class Wait { kRunnable, kBarrier, kWarp, kDone };
+enum class Wait { kRunnable, kBarrier, kWarp, kDone, kFailed };
 
 struct Block;
 
@@ -383,7 +387,7 @@ inline void fail(Block& b, const std::string& message) {
 [[noreturn]] inline void fail_here(const std::string& message) {
   Fiber& f = self();
   fail(*f.block, thread_name(*f.block, f) + ": " + message);
-  f.wait = Wait::kDone;
+  f.wait = Wait::kFailed;
   yield_to_scheduler(true);
   std::abort();  // never resumed
 }
@@ -613,11 +617,14 @@ inline void run_block(LaunchBase& launch, Worker& worker, uint3 block_idx, uint6
     f.linear = i;
     f.thread_idx = {unsigned(i) % launch.block.x, unsigned(i) / launch.block.x % launch.block.y,
                     unsigned(i) / (launch.block.x * launch.block.y)};
-    f.wait = Wait::kRunnable;
 #if defined(SIMT_ASAN)
-    __asan_unpoison_memory_region(f.stack + 4096, f.stack_size - 4096);  // frames of abandoned fibers
+    // A fiber that finished left only fiber_main's frame (at the top) poisoned; one abandoned after an error,
+    // any of its frames.
+    const size_t poisoned = f.wait == Wait::kDone ? 16384 : f.stack_size - 4096;
+    __asan_unpoison_memory_region(f.stack + f.stack_size - poisoned, poisoned);
     f.fake_stack = nullptr;
 #endif
+    f.wait = Wait::kRunnable;
     f.context.make(f.stack + 4096, f.stack_size - 4096, &fiber_main, &f);
     order[i] = i;
   }
@@ -816,11 +823,30 @@ inline T shfl_xor_impl(unsigned mask, T var, int lane_mask, int width, const cha
 }
 }  // namespace simt
 
+namespace simt {
+// Under TSan, every other atomic read-modify-write first sleeps 2 ms, so other blocks (on other workers) run
+// between this thread's earlier operations (e.g. a fence) and the atomic: the interleavings in which a fence
+// that is missing on the other side of the atomic matters actually happen.
+inline void widen_race_window() {
+#if defined(SIMT_TSAN)
+  thread_local std::mt19937 rng(std::random_device{}());
+  if (rng() % 2 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+#endif
+}
+}  // namespace simt
+
 // Relaxed, device-scope atomics, as CUDA's atomic* are.
 #define SIMT_ATOMIC_RMW(NAME, BUILTIN)                                                                    \
-  inline int NAME(int* a, int v) { return BUILTIN(a, v, __ATOMIC_RELAXED); }                          \
-  inline unsigned NAME(unsigned* a, unsigned v) { return BUILTIN(a, v, __ATOMIC_RELAXED); }           \
+  inline int NAME(int* a, int v) {                                                                    \
+    ::simt::widen_race_window();                                                                      \
+    return BUILTIN(a, v, __ATOMIC_RELAXED);                                                           \
+  }                                                                                                   \
+  inline unsigned NAME(unsigned* a, unsigned v) {                                                     \
+    ::simt::widen_race_window();                                                                      \
+    return BUILTIN(a, v, __ATOMIC_RELAXED);                                                           \
+  }                                                                                                   \
   inline unsigned long long NAME(unsigned long long* a, unsigned long long v) {                       \
+    ::simt::widen_race_window();                                                                      \
     return BUILTIN(a, v, __ATOMIC_RELAXED);                                                           \
   }
 SIMT_ATOMIC_RMW(atomicAdd, __atomic_fetch_add)

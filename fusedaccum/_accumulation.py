@@ -21,12 +21,18 @@ class AtStep:
     """Accumulation at step(): the grads wait in ``.grad`` until the micro-step is counted."""
 
     in_backward = False
+    open_window = False  # the window has accumulation_steps micro-steps
 
     def __init__(self) -> None:
         self.held_back: dict[int, torch.Tensor] = {}  # the hooks' late grads held back; never any here
 
     def refuse_weight(self, weight: Any) -> None:
         """Weights are known at step(), before the grads are added: any is fine."""
+
+    @staticmethod
+    def ends_window(window: Window, grads: list[tuple[Entry, torch.Tensor]]) -> bool:
+        """Whether this step() ends the window: its last micro-step."""
+        return window.is_last
 
     def register(self, params: list[torch.Tensor], callback: Callable[[torch.Tensor], None]) -> None:
         """No hooks in this mode."""
@@ -36,7 +42,7 @@ class AtStep:
 
     def micro_step(
         self, grads: list[tuple[Entry, torch.Tensor]], w: float, ref: float, masters: MasterGrads, window: Window,
-        scaler: ScalerLink, reduction: LocalReduction, groups: list[dict[str, Any]],
+        scaler: ScalerLink, reduction: LocalReduction, groups: list[dict[str, Any]], weighted: bool,
     ) -> None:
         """This micro-step's grads into the masters (weight ``w``, the window's reference weight ``ref``); on the
         window's last one, in the same pass, the 1/W and the norm (unless the reduction applies them later). The
@@ -52,3 +58,4 @@ class AtStep:
             # Params that got a grad earlier in the window but not now still need the 1/W and the norm.
             now = {id(entry) for entry, _ in grads}
             masters.scale_only_([e for e in masters.touched_entries() if id(e) not in now], post_scale)
+        window.count(w, weighted, ref)

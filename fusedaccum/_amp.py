@@ -24,19 +24,31 @@ class ScalerLink:
     def active(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
-    @staticmethod
-    def refuse_scaler_step(wrapper_attrs: dict[str, Any]) -> None:
-        """GradScaler.step(acc) hands the optimizer grad_scale/found_inf attributes right before it calls
-        acc.step() (it deletes them only after a successful step): that call is refused, the attributes removed."""
-        if "grad_scale" in wrapper_attrs or "found_inf" in wrapper_attrs:
-            wrapper_attrs.pop("grad_scale", None)
-            wrapper_attrs.pop("found_inf", None)
-            raise RuntimeError(
-                "fusedaccum: do not call scaler.step(acc) / scaler.update() on a GradAccumulator: the scale must "
-                "change once per window, not per micro-batch. Pass the scaler to the wrapper, "
-                "GradAccumulator(opt, N, scaler=scaler), and call scaler.scale(loss).backward(); acc.step() on "
-                "every micro-batch; the wrapper unscales in its fused pass and calls scaler.update() per window"
-            )
+    def called_by_scaler_step(self, wrapper_attrs: dict[str, Any], open_window: bool) -> bool:
+        """Whether this step() is GradScaler.step(acc)'s call, which hands the optimizer grad_scale/found_inf
+        attributes right before (and deletes them only after a successful step). With a fixed window that call is
+        refused, the attributes removed: the scale would change per micro-batch. With ``accumulation_steps=None`` it
+        is one call per window, as frameworks make it: accepted when this link has that scaler (the hooks unscale
+        with it), and the scaler's update() is then the caller's."""
+        if "grad_scale" not in wrapper_attrs and "found_inf" not in wrapper_attrs:
+            return False
+        if open_window:
+            if self.scaler is None:
+                wrapper_attrs.pop("grad_scale", None)
+                wrapper_attrs.pop("found_inf", None)
+                raise RuntimeError(
+                    "fusedaccum: scaler.step(acc) was called, but the wrapper was not given that scaler: pass it, "
+                    "GradAccumulator(opt, None, scaler=scaler), so that its fused passes unscale the gradients"
+                )
+            return True
+        wrapper_attrs.pop("grad_scale", None)
+        wrapper_attrs.pop("found_inf", None)
+        raise RuntimeError(
+            "fusedaccum: do not call scaler.step(acc) / scaler.update() on a GradAccumulator: the scale must "
+            "change once per window, not per micro-batch. Pass the scaler to the wrapper, "
+            "GradAccumulator(opt, N, scaler=scaler), and call scaler.scale(loss).backward(); acc.step() on "
+            "every micro-batch; the wrapper unscales in its fused pass and calls scaler.update() per window"
+        )
 
     def check_ready(self, optimizer_id: int) -> None:
         if not self.active:
@@ -75,13 +87,16 @@ class ScalerLink:
     def micro_step_counted(self) -> None:
         self._hook_scale = None  # the scaler may be updated (end of window) or reloaded before the next backward
 
-    def update(self, optimizer_id: int, found: torch.Tensor) -> None:
-        """Once per window: the window's inf flag, recorded as GradScaler.step would, then its growth/backoff."""
+    def update(self, optimizer_id: int, found: torch.Tensor, by_caller: bool = False) -> None:
+        """Once per window: the window's inf flag, recorded as GradScaler.step would, then its growth/backoff
+        (``by_caller``: GradScaler.step(acc) called this step and its caller updates the scaler)."""
         if not self.active:
             return
         scaler = self.scaler
         state = scaler._per_optimizer_states[optimizer_id]
         state["found_inf_per_device"] = {found.device: found.to(scaler._scale.device).reshape(())}
+        if by_caller:
+            return  # GradScaler.step marks the stage itself when this step returns
         state["stage"] = torch.amp.grad_scaler.OptState.STEPPED
         scaler.update()
 

@@ -20,7 +20,7 @@ STATE_VERSION = 1
 
 # The fields of a saved entry and their types.
 FIELDS: dict[str, tuple[type, ...]] = {
-    "accumulation_steps": (int,),
+    "accumulation_steps": (int, type(None)),
     "reduction": (str,),
     "master_weights": (bool,),
     "micro_step": (int,),

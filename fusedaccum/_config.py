@@ -19,7 +19,7 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 
 @dataclass(frozen=True)
 class Config:
-    accumulation_steps: int
+    accumulation_steps: int | None  # None: the window is everything between two step() calls
     reduction: str
     master_weights: bool
     max_grad_norm: float | None
@@ -50,9 +50,11 @@ class Config:
             raise TypeError("fusedaccum: LBFGS re-evaluates the loss inside step(), which accumulation cannot serve")
         if isinstance(optimizer, torch.optim.SparseAdam):
             raise TypeError("fusedaccum: SparseAdam needs sparse gradients; GradAccumulator keeps dense fp32 masters")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral):
-            raise TypeError(f"fusedaccum: accumulation_steps must be an int, got {accumulation_steps!r}")
-        if accumulation_steps < 1:
+        if accumulation_steps is not None and (
+            isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
+        ):
+            raise TypeError(f"fusedaccum: accumulation_steps must be an int or None, got {accumulation_steps!r}")
+        if accumulation_steps is not None and accumulation_steps < 1:
             raise ValueError(f"fusedaccum: accumulation_steps must be >= 1, got {accumulation_steps}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"fusedaccum: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -75,8 +77,11 @@ class Config:
             check_fsdp_module(fsdp_module, process_group, ddp_module, master_weights)
         distributed, group = resolve_process_group(process_group, ddp_module)
         return cls(
-            accumulation_steps=int(accumulation_steps), reduction=reduction, master_weights=master_weights,
+            accumulation_steps=None if accumulation_steps is None else int(accumulation_steps),
+            reduction=reduction, master_weights=master_weights,
             max_grad_norm=None if max_grad_norm is None else float(max_grad_norm), backend=backend,
-            accumulate_in_backward=accumulate_in_backward, distributed=distributed, group=group,
+            # An open window (accumulation_steps=None) always accumulates during backward: step() ends it.
+            accumulate_in_backward=accumulate_in_backward or accumulation_steps is None,
+            distributed=distributed, group=group,
             fsdp=fsdp_module is not None, bucket_elements=max(1, int(bucket_cap_mb * 2**20) // 4),
         )

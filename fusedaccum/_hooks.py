@@ -28,6 +28,7 @@ class BackwardHooks:
     mode's :class:`fusedaccum._accumulation.AtStep`."""
 
     in_backward = True
+    open_window = False  # the window has accumulation_steps micro-steps
 
     def __init__(self) -> None:
         self._handles: dict[int, tuple[torch.Tensor, Any]] = {}  # id(param) -> (param, handle)
@@ -149,9 +150,14 @@ class BackwardHooks:
                 "Use the default mode (accumulate_in_backward=False) for weighted windows"
             )
 
+    @staticmethod
+    def ends_window(window: Window, grads: list[tuple[Entry, torch.Tensor]]) -> bool:
+        """Whether this step() ends the window: its last micro-step."""
+        return window.is_last
+
     def micro_step(
         self, grads: list[tuple[Entry, torch.Tensor]], w: float, ref: float, masters: MasterGrads, window: Window,
-        scaler: ScalerLink, reduction: LocalReduction, groups: list[dict[str, Any]],
+        scaler: ScalerLink, reduction: LocalReduction, groups: list[dict[str, Any]], weighted: bool,
     ) -> None:
         """step(): the hooks added this micro-step's grads; any they did not see (a .grad set by hand) take their
         path now (checked together first); then the micro-step is finished for counting."""
@@ -161,6 +167,7 @@ class BackwardHooks:
             self.accumulate(entry, grad, masters, window, scaler, reduction.buckets)
         self._finish_micro_step(masters, window, reduction.scales_locally)
         scaler.micro_step_counted()
+        window.count(w, weighted, ref)
 
     def _finish_micro_step(self, masters: MasterGrads, window: Window, scales_locally: bool) -> None:
         """On the window's last micro-step (single process), bring the masters of params without a grad in it to
@@ -198,6 +205,66 @@ class BackwardHooks:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.lock = threading.Lock()
+
+
+class OpenWindowHooks(BackwardHooks):
+    """``accumulation_steps=None``: the window is everything between two ``step()`` calls, for loops and frameworks
+    that call ``step()`` once per window (they own the accumulation knob). Each backward's grads go into the
+    masters from the hooks, and the backward is counted as a micro-step when it ends (an autograd end-of-backward
+    callback); ``step()`` applies the window with its true count, like :meth:`GradAccumulator.flush`."""
+
+    open_window = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counting = False  # a backward's end is already queued to be counted
+
+    def accumulate(
+        self, entry: Entry, grad: torch.Tensor, masters: MasterGrads, window: Window, scaler: ScalerLink,
+        reduction: BucketedAllReduce | None,
+    ) -> None:
+        if not self._counting:
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: self._backward_ended(window, scaler)
+                )
+                self._counting = True
+            except RuntimeError:
+                pass  # not inside a backward (a .grad set by hand, found by step()): step() counts it
+        super().accumulate(entry, grad, masters, window, scaler, reduction)
+
+    def _backward_ended(self, window: Window, scaler: ScalerLink) -> None:
+        with self.lock:
+            self._counting = False
+            self.micro_step_counted()
+            scaler.micro_step_counted()
+            window.count(1.0, False, 1.0)
+
+    @staticmethod
+    def ends_window(window: Window, grads: list[tuple[Entry, torch.Tensor]]) -> bool:
+        """Every step() ends the window, unless nothing was accumulated since the last (then it does nothing)."""
+        return window.micro_step > 0 or bool(grads)
+
+    def micro_step(
+        self, grads: list[tuple[Entry, torch.Tensor]], w: float, ref: float, masters: MasterGrads, window: Window,
+        scaler: ScalerLink, reduction: LocalReduction, groups: list[dict[str, Any]], weighted: bool,
+    ) -> None:
+        """step(): grads no hook saw (set by hand) join the window as one more micro-step; then, single process,
+        the whole window's masters get their 1/W (and the loss scale's inverse) and its norm in one extra pass."""
+        if grads:
+            masters.check_args(grads, groups)
+            for entry, grad in grads:
+                BackwardHooks.accumulate(self, entry, grad, masters, window, scaler, reduction.buckets)
+            self.micro_step_counted()
+            scaler.micro_step_counted()
+            window.count(1.0, False, 1.0)
+        if window.micro_step and reduction.scales_locally:  # distributed: 1/W and the norm after the reduction
+            masters.zero_sumsq()
+            masters.scale_only_(masters.touched_entries(), window.post_scale())
+
+    def reset(self) -> None:
+        super().reset()
+        self._counting = False
 
 
 def weak_callback(owner: Any, method: str) -> Callable[[torch.Tensor], None]:

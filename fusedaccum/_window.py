@@ -32,7 +32,7 @@ class Phase(enum.Enum):
 class Window:
     """The current window's position and weights, and the results of the last one."""
 
-    def __init__(self, accumulation_steps: int, reduction: str, distributed: bool) -> None:
+    def __init__(self, accumulation_steps: int | None, reduction: str, distributed: bool) -> None:
         self.accumulation_steps = accumulation_steps
         self.reduction = reduction
         self.distributed = distributed
@@ -74,8 +74,8 @@ class Window:
     # ----------------------------------------------------------------------------------------- weights
     @property
     def is_last(self) -> bool:
-        """Whether the next micro-step counted is the window's last."""
-        return self.micro_step + 1 == self.accumulation_steps
+        """Whether the next micro-step counted is the window's last (never known ahead in an open window)."""
+        return self.accumulation_steps is not None and self.micro_step + 1 == self.accumulation_steps
 
     @staticmethod
     def check_weight(weight: float | torch.Tensor | None) -> float:
@@ -184,9 +184,9 @@ class Window:
         def refuse(what: str) -> None:
             raise ValueError(f"fusedaccum: the state dict's 'fusedaccum' entry is inconsistent: {what}")
 
-        if steps < 1:
+        if steps is not None and steps < 1:
             refuse(f"accumulation_steps={steps} (must be >= 1)")
-        if not 0 <= micro_step < steps:
+        if micro_step < 0 or (steps is not None and micro_step >= steps):
             refuse(f"micro_step={micro_step} with accumulation_steps={steps} (0 <= micro_step < accumulation_steps)")
         if saved["reduction"] not in ("mean", "sum"):
             refuse(f"reduction={saved['reduction']!r}")

@@ -35,7 +35,7 @@ from . import _checkpoint
 from ._accumulation import AtStep
 from ._amp import ScalerLink
 from ._config import DEFAULT_BUCKET_CAP_MB, Config
-from ._hooks import BackwardHooks, weak_callback
+from ._hooks import BackwardHooks, OpenWindowHooks, weak_callback
 from ._master_grads import MasterGradBuffer, MasterGrads, Params
 from ._master_weights import MasterWeights
 from ._window import Window
@@ -135,7 +135,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._weights = MasterWeights(config.master_weights)
         self._window = Window(config.accumulation_steps, config.reduction, config.distributed)
         self._scaler = ScalerLink(scaler)
-        self._mode = BackwardHooks() if config.accumulate_in_backward else AtStep()
+        self._mode = (
+            OpenWindowHooks() if config.accumulation_steps is None
+            else BackwardHooks() if config.accumulate_in_backward else AtStep()
+        )
         self._reduction = (
             AllReduceReduction(config.group, config.bucket_elements) if config.distributed
             else ShardAgreement() if config.fsdp else LocalReduction()
@@ -287,7 +290,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 and the next successful ``step()`` counts them).
         """
         window, masters = self._window, self._masters
-        ScalerLink.refuse_scaler_step(self.__dict__)
+        by_scaler_step = self._scaler.called_by_scaler_step(self.__dict__, self._mode.open_window)
         if closure is not None and not callable(closure):
             raise TypeError(f"fusedaccum: closure must be a callable or None, got {closure!r}")
         self._mode.refuse_weight(weight)
@@ -301,14 +304,14 @@ class GradAccumulator(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = masters.collect(self.param_groups, self._sync_layout)
-        last = window.is_last
+        last = self._mode.ends_window(window, grads)
         # Distributed: whether any rank got a gradient is only known after the reduction (a local raise here would
         # leave the other ranks waiting in it); the reduction raises on every rank instead.
         if last and self._reduction.scales_locally and not grads and not masters.any_touched():
             raise RuntimeError(_no_grads_message(f"micro-step {window.micro_step + 1} of {window.accumulation_steps}"))
-        self._mode.micro_step(grads, w, ref, masters, window, self._scaler, self._reduction, self.param_groups)
-        window.count(w, weight is not None, ref)
-        result = self._finish_window() if last else None
+        self._mode.micro_step(grads, w, ref, masters, window, self._scaler, self._reduction, self.param_groups,
+                              weight is not None)
+        result = self._finish_window(by_scaler_step) if last else None
         return loss if closure is not None else result
 
     @torch.compiler.disable
@@ -325,7 +328,7 @@ class GradAccumulator(torch.optim.Optimizer):
         Raises:
             RuntimeError: the window has micro-steps but no parameter received a gradient in it (nothing changes).
         """
-        ScalerLink.refuse_scaler_step(self.__dict__)
+        self._scaler.called_by_scaler_step(self.__dict__, open_window=False)  # refused: flush is not a step
         window, masters = self._window, self._masters
         window.refuse_uncounted("flush()")
         if self._reduction.scales_locally:
@@ -348,7 +351,7 @@ class GradAccumulator(torch.optim.Optimizer):
             self._opt_called = True
         return window.stepped
 
-    def _finish_window(self) -> Any:
+    def _finish_window(self, by_scaler_step: bool = False) -> Any:
         """The end of a window whose micro-steps are all counted: reduce, decide skip or step (the one host sync),
         clip, step the wrapped optimizer, start a new window. If anything raises, the window is dropped (its
         masters were scaled for this update and the grads consumed, so it cannot be replayed) and the error says
@@ -368,7 +371,7 @@ class GradAccumulator(torch.optim.Optimizer):
                 coef = torch.clamp(self._config.max_grad_norm / (norm + 1e-6), max=1.0)
             # The one host sync per window: skip or step (and whether to clip) must be decided on the host.
             host = (found if coef is None else torch.cat([found, coef])).tolist()
-            self._scaler.update(id(self), found)
+            self._scaler.update(id(self), found, by_caller=by_scaler_step)
             if host[0] != 0.0:
                 window.skipped()
                 return None

@@ -75,8 +75,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data["copy_bandwidth"] = common.copy_bandwidth(device, copy_numel, 0.05 if mode == "tiny" else 1.0)
         print(f"copy bandwidth: {data['copy_bandwidth']['GBps']:.2f} GB/s ({data['copy_bandwidth']['method']}, "
               f"all: { {k: round(v, 2) for k, v in data['copy_bandwidth']['candidates_GBps'].items()} })", flush=True)
+        limit = None
+        if device.type == "cpu":
+            data["stream_limit"] = common.same_pattern_limit(copy_numel, 0.05 if mode == "tiny" else 1.0)
+            limit = data["stream_limit"]["GBps"]
+            print("same-pattern CPU limit: " + (", ".join(f"{k} {v:.2f} GB/s" for k, v in limit.items()) if limit
+                  else data["stream_limit"]["why"]), flush=True)
         plan = bench_accumulate.plan(mode, device)
-        data["accumulate"] = bench_accumulate.run(plan, device, data["copy_bandwidth"]["GBps"], deadline)
+        data["accumulate"] = bench_accumulate.run(plan, device, data["copy_bandwidth"]["GBps"], deadline, limit)
         data["targets"] = bench_accumulate.targets(data["accumulate"], device)
         _write(path, data)
     if "numerics" in sections:

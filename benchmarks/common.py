@@ -232,6 +232,63 @@ def copy_bandwidth(device: torch.device, numel: int, min_run_time: float) -> dic
             "dtype": "float32", "bytes_per_call": moved}
 
 
+# ------------------------------------------------------------------------------ same-pattern CPU limit
+LIMIT_PATTERNS = {"read_both_write_both": 0, "read_grads_write_both": 1}
+LIMIT_BYTES = {"read_both_write_both": 12, "read_grads_write_both": 8}
+
+
+def same_pattern_limit(numel: int, min_run_time: float) -> dict[str, Any]:
+    """The CPU's bandwidth limit for the fused pass's own pattern, measured now, in GB/s by pattern.
+
+    A C++ loop (benchmarks/stream_limit.cpp, g++ -O3 -march=native, loaded with ctypes) over ``numel`` float32
+    masters and bf16 grads, on torch's intra-op thread count in contiguous slices, as the CPU kernel runs:
+    ``read_both_write_both`` (a later micro-step: read 2 + 4 bytes, write both, 12 B/element) and
+    ``read_grads_write_both`` (a window's first: read 2, write 4 + 2, 8 B/element), with no arithmetic worth the
+    name. Unlike a copy, nothing the fused pass does can beat it. ``{"GBps": None, "why": ...}`` when the loop
+    cannot be built here (no g++).
+    """
+    import ctypes
+    import hashlib
+    import shutil
+    import tempfile
+
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        return {"GBps": None, "why": f"no C++ compiler ({compiler}) to build benchmarks/stream_limit.cpp"}
+    source = Path(__file__).with_name("stream_limit.cpp")
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    digest = hashlib.sha256((" ".join(command) + platform.node()).encode() + source.read_bytes()).hexdigest()[:16]
+    build = Path(__file__).resolve().parents[1] / "build" / "bench"
+    library = build / f"stream_limit-{digest}.so"
+    if not library.exists():
+        build.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=build) as tmp:
+            out = Path(tmp) / library.name
+            result = subprocess.run([*command, "-o", str(out), str(source)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return {"GBps": None, "why": f"building stream_limit.cpp failed: {result.stderr[-500:]}"}
+            os.replace(out, library)
+    lib = ctypes.CDLL(str(library))
+    lib.stream_pass.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    masters = torch.randn(numel)
+    grads = torch.randn(numel).bfloat16()
+    threads = torch.get_num_threads()
+    out: dict[str, float] = {}
+    for name, pattern in LIMIT_PATTERNS.items():
+
+        def call(pattern: int = pattern) -> None:
+            lib.stream_pass(pattern, masters.data_ptr(), grads.data_ptr(), numel, threads)
+
+        call()
+        out[name] = LIMIT_BYTES[name] * numel / time_call(call, torch.device("cpu"), min_run_time)["median_s"] / 1e9
+    return {"GBps": out, "threads": threads, "numel": numel, "method": "benchmarks/stream_limit.cpp"}
+
+
+def limit_pattern(variant: str) -> str:
+    """The same-pattern limit that bounds an accumulate variant ("first" does not read the masters)."""
+    return "read_grads_write_both" if variant == "first" else "read_both_write_both"
+
+
 # ------------------------------------------------------------------------------------------ metadata
 def _cpu_model() -> str:
     try:

@@ -50,6 +50,21 @@ def test_copy_bandwidth(tiny_run: tuple[dict, Path, str]) -> None:
     assert _positive(copy["GBps"]) and copy["method"] in copy["candidates_GBps"]
 
 
+def test_same_pattern_limit(tiny_run: tuple[dict, Path, str]) -> None:
+    """On a CPU the run measures the limit for the fused pass's own pattern and reports % of it on every row."""
+    data = tiny_run[0]
+    if not data["meta"]["device"].startswith("cpu"):
+        pytest.skip("a GPU run: the device copy stays the reference")
+    limit = data["stream_limit"]
+    if limit["GBps"] is None:
+        pytest.skip(limit["why"])
+    assert set(limit["GBps"]) == {"read_both_write_both", "read_grads_write_both"}
+    assert all(_positive(v) for v in limit["GBps"].values())
+    for r in data["accumulate"]["results"]:
+        pattern = "read_grads_write_both" if r["variant"] == "first" else "read_both_write_both"
+        assert r["pct_limit"] == pytest.approx(100 * r["GBps"] / limit["GBps"][pattern]), r
+
+
 def test_accumulate_results(tiny_run: tuple[dict, Path, str]) -> None:
     acc = tiny_run[0]["accumulate"]
     rows = acc["results"]

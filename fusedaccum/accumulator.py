@@ -25,6 +25,7 @@ handed to it here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +40,13 @@ from ._hooks import BackwardHooks, OpenWindowHooks, weak_callback
 from ._master_grads import MasterGradBuffer, MasterGrads, Params
 from ._master_weights import MasterWeights
 from ._window import Window
-from .distributed import AllReduceReduction, LocalReduction, ShardAgreement, check_ddp_params_covered
+from .distributed import (
+    AllReduceReduction,
+    LocalReduction,
+    ShardAgreement,
+    check_ddp_params_covered,
+    resolve_process_group,
+)
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "GradAccumulator", "MasterGradBuffer"]
 
@@ -139,17 +146,15 @@ class GradAccumulator(torch.optim.Optimizer):
             OpenWindowHooks() if config.accumulation_steps is None
             else BackwardHooks() if config.accumulate_in_backward else AtStep()
         )
+        if ddp_module is not None:
+            check_ddp_params_covered(ddp_module, self._inner)
         self._reduction = (
-            AllReduceReduction(config.group, config.bucket_elements) if config.distributed
+            AllReduceReduction(config.group, config.bucket_elements, ddp_module) if config.distributed
             else ShardAgreement() if config.fsdp else LocalReduction()
         )
         self._wire()
         self._sync_layout(force=True)
-        if ddp_module is not None:
-            check_ddp_params_covered(ddp_module, self._inner)
-            # no_sync() for good: DDP's forward then skips the reducer (no per-backward all-reduce, no
-            # unused-parameter or buffer collectives) and .grad holds this rank's own gradient.
-            ddp_module.require_backward_grad_sync = False
+        self._reduction.take_over()
 
     def _wire(self) -> None:
         """What refers back to this object: the step wrapper, the wrapped optimizer's state-dict hooks, the
@@ -244,6 +249,25 @@ class GradAccumulator(torch.optim.Optimizer):
             f"backend={c.backend!r}, distributed={c.distributed}, accumulate_in_backward={c.accumulate_in_backward})"
         )
 
+    def attach(self, *, ddp_module: torch.nn.Module) -> None:
+        """Attach the ``DistributedDataParallel`` module after construction, as ``ddp_module=`` would have: for
+        scripts that build the optimizer (and this wrapper) before wrapping the model in DDP. At a window boundary
+        only (a partial window of local sums cannot join a global one)."""
+        if self._config.distributed or self._config.fsdp:
+            raise RuntimeError("fusedaccum: attach(): this wrapper already reduces across processes")
+        if self._window.micro_step or self._masters.any_touched():
+            raise RuntimeError(
+                "fusedaccum: attach() in the middle of a window: call it before the first micro-step or right after "
+                "an update (nothing was changed)"
+            )
+        distributed, group = resolve_process_group(None, ddp_module)
+        check_ddp_params_covered(ddp_module, self._inner)
+        self._config = dataclasses.replace(self._config, distributed=distributed, group=group)
+        self._window.distributed = True
+        self._reduction = AllReduceReduction(group, self._config.bucket_elements, ddp_module)
+        self._reduction.plan(self._masters, self._mode.in_backward)
+        self._reduction.take_over()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer; works mid-window (new params join from now on)."""
         self._window.refuse_reducing("add_param_group() was called", undo=False)
@@ -295,6 +319,7 @@ class GradAccumulator(torch.optim.Optimizer):
             raise TypeError(f"fusedaccum: closure must be a callable or None, got {closure!r}")
         self._mode.refuse_weight(weight)
         self._reduction.refuse_weight(weight)
+        self._reduction.check_step()
         w = window.check_weight(weight)
         window.check_weighting(weight is not None)
         ref = window.weight_ref_for(w, weight is not None)

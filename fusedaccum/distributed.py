@@ -17,6 +17,7 @@ See docs/distributed.md.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +46,22 @@ class LocalReduction:
 
     def refuse_weight(self, weight: Any) -> None:
         """Every rank's weights can be applied: nothing to refuse."""
+
+    def take_over(self) -> None:
+        """The wrapper is built: from now on this reduction is the only one (DDP's is switched off)."""
+
+    def check_step(self) -> None:
+        """Refuses, before a micro-step changes anything, a setup that would silently go wrong: here, several
+        processes with no reduction (each rank would update from its own gradients and the replicas diverge)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"fusedaccum: torch.distributed runs {dist.get_world_size()} processes, but this GradAccumulator was "
+                "given no ddp_module, process_group or fsdp_module: each rank would step on its own gradients and "
+                "the replicas would silently diverge. Pass ddp_module=model (or call acc.attach(ddp_module=model) "
+                "once DDP wraps the model, if the optimizer was built first) or process_group='default'. If every "
+                "rank really trains a model of its own, give it a group of its own: "
+                "process_group=torch.distributed.new_group([rank])"
+            )
 
     def hooked_params(self, masters: MasterGrads, groups: list[dict[str, Any]]) -> list[torch.Tensor]:
         """The params accumulate_in_backward hooks: all of them (a frozen one may be unfrozen later)."""
@@ -79,6 +96,9 @@ class ShardAgreement(LocalReduction):
         """Only the trainable shards: FSDP owns the others' gradient path."""
         return [e.param for e in masters.entries]
 
+    def check_step(self) -> None:
+        """FSDP reduces over its mesh: nothing to refuse."""
+
     def agree(self, masters: MasterGrads, found: torch.Tensor, sumsq: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if masters.shard_group is None:
             return found, sumsq
@@ -92,10 +112,34 @@ class AllReduceReduction(LocalReduction):
 
     scales_locally = False  # the masters hold raw sums until the reduction; 1/W and the norm come after it
 
-    def __init__(self, group: Any, bucket_elements: int) -> None:
+    def __init__(self, group: Any, bucket_elements: int, ddp_module: torch.nn.Module | None = None) -> None:
         self.group = group
         self.bucket_elements = bucket_elements
         self.buckets = BucketedAllReduce(group, bucket_elements)
+        # Held weakly (a copy of the wrapper must not copy the model), to see its reduction switched back on.
+        self._ddp = None if ddp_module is None else weakref.ref(ddp_module)
+
+    def take_over(self) -> None:
+        ddp = None if self._ddp is None else self._ddp()
+        if ddp is not None:
+            # no_sync() for good: DDP's forward then skips the reducer (no per-backward all-reduce, no
+            # unused-parameter or buffer collectives) and .grad holds this rank's own gradient.
+            ddp.require_backward_grad_sync = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_ddp"] = None
+        return state
+
+    def check_step(self) -> None:
+        ddp = None if self._ddp is None else self._ddp()
+        if ddp is not None and ddp.require_backward_grad_sync:
+            raise RuntimeError(
+                "fusedaccum: the DDP module's require_backward_grad_sync was switched back on (e.g. nanoGPT's "
+                "`model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)`): DDP then "
+                "all-reduces every such backward on top of the wrapper's one reduction per window. Remove that line; "
+                "the wrapper switched DDP's reduction off for good (nothing was changed)"
+            )
 
     def plan(self, masters: MasterGrads, in_backward: bool) -> None:
         spans = [(e.key, e.offset, e.view.numel()) for e in masters.entries] if in_backward else None

@@ -227,6 +227,48 @@ def _scenario_ddp_weighted(rank: int, world: int) -> None:
     _assert_replicas_identical(model, world, "ddp weighted")
 
 
+def _scenario_attach_and_refusals(rank: int, world: int) -> None:
+    """nanoGPT's order (optimizer and wrapper built before DDP wraps the model): acc.attach(ddp_module=...) makes it
+    the ddp_module run; an open window (accumulation_steps=None) reduced at step(). Refused, on every rank, before
+    anything changes: a wrapper with no reduction in a multi-process run, and DDP's require_backward_grad_sync
+    switched back on."""
+    windows = [W, W]
+    data, targets = _batches(7, world, windows)
+    for steps in (W, None):
+        plain, ref = _model(), _model()
+        inner, ref_opt = _sgd(plain), _sgd(ref)
+        grads, ref_grads = _record_grads(inner), _record_grads(ref_opt)
+        acc = fusedaccum.GradAccumulator(inner, steps)
+        F.mse_loss(plain(data[0][rank, 0]), targets[0][rank, 0]).backward()
+        with pytest.raises(RuntimeError, match="given no ddp_module, process_group or fsdp_module"):
+            acc.step()
+        assert acc.micro_step == (0 if steps else 1)  # the open window counted the backward; nothing else moved
+        plain.zero_grad()
+        acc = fusedaccum.GradAccumulator(inner, steps)
+        model = torch.nn.parallel.DistributedDataParallel(plain)
+        acc.attach(ddp_module=model)
+        assert not model.require_backward_grad_sync
+        for k, n in enumerate(windows):
+            for i in range(n):
+                if steps and k == 1 and i == n - 1:
+                    model.require_backward_grad_sync = True  # nanoGPT's line, on the window's last micro-step
+                    F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+                    with pytest.raises(RuntimeError, match="require_backward_grad_sync was switched back on"):
+                        acc.step()
+                    model.require_backward_grad_sync = False
+                    acc.zero_grad()
+                F.mse_loss(model(data[k][rank, i]), targets[k][rank, i]).backward()
+                if steps or i == n - 1:
+                    acc.step()
+            assert acc.stepped
+        for k in range(len(windows)):
+            ref_opt.zero_grad()
+            F.mse_loss(ref(data[k].reshape(-1, 7)), targets[k].reshape(-1, 5)).backward()
+            ref_opt.step()
+        _assert_rel_close(model.module, ref, grads, ref_grads, f"attach, accumulation_steps={steps}")
+        _assert_replicas_identical(model, world, f"attach, accumulation_steps={steps}")
+
+
 def _scenario_ddp_checkpoint(rank: int, world: int) -> None:
     """DDP, checkpoint mid-window: every rank saves acc.state_dict() and the model's state at micro-step CUT of
     window 1, a fresh model/DDP/optimizer/wrapper (other initial weights) loads them and trains on; the weights
@@ -607,6 +649,7 @@ SCENARIOS: dict[str, Callable[[int, int], None]] = {
     "plain": _scenario_plain,
     "ddp_weighted": _scenario_ddp_weighted,
     "ddp_checkpoint": _scenario_ddp_checkpoint,
+    "attach_and_refusals": _scenario_attach_and_refusals,
     "overlap_bitwise": _scenario_overlap_bitwise,
     "overlap_edges": _scenario_overlap_edges,
     "fsdp": _scenario_fsdp,

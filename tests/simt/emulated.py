@@ -175,7 +175,7 @@ class GuardedBuffers:
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             return
-        for t, buffer, offset, nbytes, before in self.staged:
+        for _, buffer, offset, nbytes, before in self.staged:
             end = offset + nbytes
             if not (torch.equal(buffer[:offset], before[:offset]) and torch.equal(buffer[end:], before[end:])):
                 raise AssertionError(f"the kernel wrote outside a buffer of {nbytes} bytes (guard bytes changed)")

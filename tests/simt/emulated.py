@@ -30,7 +30,7 @@ SOURCES = [SIMT / "simt.h", SIMT / "emulated_kernel.cpp", SIMT / "include" / "cu
 # -fno-strict-aliasing: the kernel moves 16-byte packs through uint4 pointers, as CUDA code does; host C++'s
 # aliasing rules would let g++ drop those stores.
 FLAGS = ["-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
-         "-Wno-parentheses", "-Werror"]
+         "-Wno-parentheses"]
 GRAD_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 GUARD = 64  # bytes of guard on each side of every buffer
 

@@ -44,6 +44,9 @@
 // - Device arithmetic: the kernel compiles as host code, so __CUDA_ARCH__ branches (intrinsics such as
 //   __fmaf_rn, __half2float) are not the ones run; the host branches of accumulate_math.h run instead.
 // - Streams, graphs and asynchrony: launches run synchronously on the calling thread plus workers.
+// - Host C++ rules: build with -fno-strict-aliasing. The kernel copies 16-byte packs through uint4 pointers
+//   (load_pack/store_pack), which host C++'s aliasing rules allow g++ to drop (g++ -O2 warns "pack is used
+//   uninitialized" without the flag); nvcc does not exploit this, but it is formally undefined there too.
 #pragma once
 
 #include <algorithm>

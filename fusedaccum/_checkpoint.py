@@ -1,8 +1,9 @@
 """The ``"fusedaccum"`` entry of a GradAccumulator state dict: its fields, and their checks before any load.
 
 Format version 1: the window (``Window.saved``), ``master_weights``, ``found_inf``, the ``layout`` (what another
-layout is told apart by), ``touched``, the flat ``master_grads`` buffers and the ``master_weight_tensors`` by layout
-index. ``weight_ref`` is optional (absent from entries written before it existed: 1).
+layout is told apart by), ``touched``, the flat ``master_grads`` buffers (an empty list at a window boundary, where
+they hold nothing of use) and the ``master_weight_tensors`` by layout index. ``weight_ref`` is optional (absent from
+entries written before it existed: 1).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def assemble(window: Window, masters: MasterGrads, weights: MasterWeights, group
         "found_inf": bool(found.item()) if found is not None else False,
         "layout": masters.describe(groups),
         "touched": list(masters.touched),
-        "master_grads": list(masters.buffers.values()),
+        # At a window boundary the masters hold nothing of use (a window's first grad overwrites them): not saved.
+        "master_grads": list(masters.buffers.values()) if window.micro_step else [],
         "master_weight_tensors": weights.saved([e.param for e in masters.entries]),
     }
 
@@ -112,7 +114,7 @@ def check(
     if entry["micro_step"] == 0 and any(touched):
         refuse("params marked as touched at micro_step 0")
     saved_buffers = entry["master_grads"]
-    if len(saved_buffers) != len(buffers):
+    if (saved_buffers or entry["micro_step"]) and len(saved_buffers) != len(buffers):  # none saved at a boundary
         refuse(f"{len(saved_buffers)} master_grads buffers saved, this layout has {len(buffers)}")
     for i, (tensor, buffer) in enumerate(zip(saved_buffers, buffers)):
         _check_float32(refuse, f"master_grads[{i}]", tensor, buffer.shape)

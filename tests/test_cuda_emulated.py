@@ -213,3 +213,18 @@ def test_opcheck_on_emulated_kernel(emulation):
     args = (masters, grads, 0.5, torch.tensor([2.0]), False, 0.25, None, True, torch.zeros(1), torch.zeros(1), "cpu")
     with emulation.override_cpu_kernel():
         torch.library.opcheck(torch.ops.fusedaccum.accumulate_.default, args)
+
+
+@pytest.mark.parametrize("driver_version,max_tensors,max_blocks", [(13000, 320, 4096), (12000, 64, 256)])
+def test_workspace_sizing_for_tensors_past_2_31_elements(emulation, driver_version, max_tensors, max_blocks):
+    """The launcher's plan for tensors far larger than memory here (sizing only: no launch, nothing touched):
+    2^33 + 5 elements is 131,073 chunks, element offsets past 2^31, split over many tables."""
+    kernel = emulation.kernel()
+    kernel.configure(driver_version=driver_version)
+    sizes = [2**33 + 5, 0, 70000, 2**31 + 1]
+    pairs = (emulation.TensorPair * len(sizes))(
+        *[emulation.TensorPair(0x10000 * (i + 1), 0x20000 * (i + 1), n, 1) for i, n in enumerate(sizes)])
+    launches, blocks = expected_packing(sizes, max_tensors, max_blocks)
+    assert kernel.lib.fa_workspace_bytes(pairs, len(sizes), 1) == 4 * blocks + 4 * launches
+    assert kernel.lib.fa_workspace_bytes(pairs, len(sizes), 0) == 0
+    assert blocks == 131073 + 2 + 32769

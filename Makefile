@@ -37,6 +37,7 @@ test: build
 
 test-slow: build
 	HYPOTHESIS_PROFILE=large $(VENV)/bin/pytest tests/test_ops.py -k property
+	HYPOTHESIS_PROFILE=large $(VENV)/bin/pytest tests/test_stateful.py
 
 bench: build
 	$(VENV)/bin/python -m benchmarks
@@ -74,7 +75,7 @@ check-oldest-torch:
 
 # The CUDA kernel on the CPU under the SIMT emulation of tests/simt, with ThreadSanitizer (64 threads per block)
 # and with AddressSanitizer + UBSan, then the mutation check: classic bugs injected into a copy of the kernel must
-# each fail the emulated suite (tests/simt/check.py says which check caught each). About 4 minutes on 2 cores.
+# each fail the emulated suite (tests/simt/check.py says which check caught each). 3-7 minutes on 2 cores.
 check-cuda-emulated: build
 	$(VENV)/bin/python tests/simt/check.py --pytest
 

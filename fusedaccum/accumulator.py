@@ -71,7 +71,9 @@ class GradAccumulator(torch.optim.Optimizer):
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` except LBFGS, whose step re-evaluates
             the loss, and SparseAdam, which needs sparse gradients).
-        accumulation_steps: micro-batches per update (an int >= 1).
+        accumulation_steps: micro-batches per update (an int >= 1), or None: the window is everything between two
+            :meth:`step` calls (each backward a micro-step, counted when it ends), for loops and frameworks that
+            call ``step()`` once per window; see the README.
         reduction: ``"mean"`` (default): the update uses the mean of the window's micro-batch gradients, or
             the weighted mean ``sum(w_i g_i) / sum(w_i)`` when ``step(weight=w_i)`` is given. ``"sum"``: the
             (weighted) sum.
@@ -152,16 +154,16 @@ class GradAccumulator(torch.optim.Optimizer):
             AllReduceReduction(config.group, config.bucket_elements, ddp_module) if config.distributed
             else ShardAgreement() if config.fsdp else LocalReduction()
         )
+        self._hook_callback = weak_callback(self, "_on_grad_accumulated")
+        self._sync_layout(force=True)  # the last check: what follows cannot fail, and changes what others hold
         self._wire()
-        self._sync_layout(force=True)
         self._reduction.take_over()
 
     def _wire(self) -> None:
-        """What refers back to this object: the step wrapper, the wrapped optimizer's state-dict hooks, the
-        backward hooks (on a copy too, whose originals point at the original)."""
+        """What others hold of this object: the step wrapper, the wrapped optimizer's state-dict hooks (on a copy
+        too, whose originals point at the original)."""
         self._patch_step_function()
         self._weights.hook_state_dicts(self._inner)
-        self._hook_callback = weak_callback(self, "_on_grad_accumulated")
 
     # ------------------------------------------------------------------------------------- Optimizer facade
     @property
@@ -238,6 +240,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self.__dict__.update(state)
         self._masters.rekey(self.param_groups)
         self._weights.rekey()
+        self._hook_callback = weak_callback(self, "_on_grad_accumulated")
         self._wire()
         self._register_hooks()
 

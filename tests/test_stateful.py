@@ -13,8 +13,9 @@ Hypothesis drives random programs over a tiny model and three copies of the trai
   ``min(max_norm / (norm + 1e-6), 1)``), windows with a non-finite gradient (or an fp32 overflow of the
   accumulated gradient or of its squared norm) are skipped, a param without a gradient in the whole window gets
   ``grad = None``, a window in which no param got a gradient raises ``RuntimeError`` at the update and changes
-  nothing. After every applied update R's params must be within 1e-6 (relative to the tensor's largest
-  element) of F's; bf16 params (``master_weights=True``) within one bf16 rounding of F's float64 master.
+  nothing. After every applied update R's params must be within 1e-6 of F's (relative to the tensor's largest
+  element plus the sum of its updates' largest elements); bf16 params (``master_weights=True``) within one bf16
+  rounding of F's float64 master, plus that.
   A skipped window must leave params and optimizer state bit for bit as they were.
 
 The model's micro-step gradients are what the wrapper is documented to read: in the default mode each param's
@@ -56,7 +57,7 @@ from fusedaccum import GradAccumulator
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # Programs per test variant and actions per program.
-EXAMPLES = int(os.environ.get("FUSEDACCUM_STATEFUL_EXAMPLES", {"ci": 60, "large": 1500}.get(PROFILE, 60)))
+EXAMPLES = int(os.environ.get("FUSEDACCUM_STATEFUL_EXAMPLES", {"ci": 60, "large": 600}.get(PROFILE, 60)))
 STEPS = {"ci": 50, "large": 80}.get(PROFILE, 50)
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -187,6 +188,9 @@ class Run:
         if extra_added:
             self.acc.add_param_group({"params": [model.extra], "lr": EXTRA_LR})
         self.sched = torch.optim.lr_scheduler.StepLR(self.acc, **SCHED)
+        # README: step hooks on acc.optimizer run on every update
+        self.updates_hooked = 0
+        self.acc.optimizer.register_step_post_hook(self._count_update)
         if checkpoint is not None:
             if load_order == 1:
                 model.load_state_dict(checkpoint["model"])
@@ -194,6 +198,9 @@ class Run:
             self.sched.load_state_dict(checkpoint["sched"])
             if load_order == 2:
                 model.load_state_dict(checkpoint["model"])
+
+    def _count_update(self, optimizer, args, kwargs) -> None:
+        self.updates_hooked += 1
 
     def param(self, name: str) -> torch.Tensor:
         return getattr(self.model, name)
@@ -224,6 +231,8 @@ class Reference:
         self.nonfinite = False
         self.overflow = False
         self.skipped = 0
+        self.updates = 0
+        self.path = dict.fromkeys(self.p, 0.0)  # per param: the sum of its updates' largest elements
         self.norm: float | None = None
         self.gate_frozen = False  # kept up to date by the machine
         self.gate_in_layout = True
@@ -295,10 +304,14 @@ class Reference:
         if self.cfg["clip"] is not None:
             coef = min(self.cfg["clip"] / (norm + 1e-6), 1.0)
             G = {n: g * coef for n, g in G.items()}
+        before = {n: p.detach().clone() for n, p in self.p.items()}
         for n, p in self.p.items():
             p.grad = G.get(n)
         self.opt.step()
+        for n, p in self.p.items():
+            self.path[n] += float((p.detach() - before[n]).abs().max())
         self.sched.step()
+        self.updates += 1
         for p in self.p.values():
             p.grad = None
         self.norm = norm
@@ -307,10 +320,12 @@ class Reference:
 
 
 def assert_close_to_reference(run: Run, ref: Reference, names: list[str]) -> None:
+    """fp32: within REL_TOL of the float64 model, relative to the param's size plus how far its updates have moved it
+    (fp32 rounds each update relative to the update: a param that training moved to near 0 keeps those errors)."""
     for n in names:
         actual = run.param(n).detach().to(torch.float64)
         expected = ref.p[n].detach()
-        scale = float(expected.abs().max())
+        scale = float(expected.abs().max()) + ref.path[n]
         err = (actual - expected).abs()
         if run.cfg["dtype"] == torch.float32:
             bound = REL_TOL * scale
@@ -319,8 +334,8 @@ def assert_close_to_reference(run: Run, ref: Reference, names: list[str]) -> Non
             bound = BF16_U * expected.abs() + REL_TOL * scale
             ok = bool((err <= bound).all())
         assert ok, (
-            f"param {n} differs from the float64 model: max error {float(err.max()):.3e}, tensor scale "
-            f"{scale:.3e}\nactual   {actual}\nexpected {expected}"
+            f"param {n} differs from the float64 model: max error {float(err.max()):.3e}, scale (largest element + "
+            f"path of its updates) {scale:.3e}\nactual   {actual}\nexpected {expected}"
         )
 
 
@@ -334,7 +349,9 @@ MICRO_ARGS = dict(
     ),
     new_window_weighted=st.booleans(),
     weight=st.sampled_from(WEIGHTS),
-    new_window_scale=st.sampled_from([1.0, 1.0, 2.0**-100, 2.0**100]),
+    # the window's weights times 1, or near the ends of float32's normal range (issue 11 bug 5: 2^-124 * 0.25 is
+    # the smallest normal float32; unnormalised products w*g were subnormal there, and overflowed at 2^120 * 7)
+    new_window_scale=st.sampled_from([1.0, 1.0, 2.0**-124, 2.0**120]),
     weight_as_tensor=st.booleans(),
     closure=st.booleans(),
     zero_before_step=st.sampled_from([False, False, False, True]),
@@ -616,8 +633,13 @@ class AccumulatorMachine(RuleBasedStateMachine):
             # checkpoint: without that, it would keep the fp32 state until it looks at the layout itself.
             self.T.acc.state_dict()
         self.F.leave_if_frozen()
+        acc_state = R.acc.state_dict()
+        # README: acc.state_dict() is the wrapped optimizer's state dict plus a "fusedaccum" entry, and with
+        # master_weights the wrapped optimizer's own state_dict() works too (issue 11 bug 4)
+        deep_bits_equal(R.acc.optimizer.state_dict(), {k: v for k, v in acc_state.items() if k != "fusedaccum"},
+                        "acc.optimizer.state_dict()")
         blob = io.BytesIO()
-        torch.save({"model": R.model.state_dict(), "acc": R.acc.state_dict(), "sched": R.sched.state_dict()}, blob)
+        torch.save({"model": R.model.state_dict(), "acc": acc_state, "sched": R.sched.state_dict()}, blob)
         blob.seek(0)
         ckpt = torch.load(blob, weights_only=True)
         self.R = Run(self.cfg, self.fresh_seed, self.gate_frozen, self.extra_added, ckpt, load_order)
@@ -668,6 +690,9 @@ class AccumulatorMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------------------------------------- checks
     def _compare_twins(self, state: bool) -> None:
         R, T = self.R, self.T
+        assert T.updates_hooked == self.F.updates, (
+            f"step hooks on acc.optimizer ran {T.updates_hooked} times; {self.F.updates} updates were applied"
+        )
         assert R.params_bits() == T.params_bits(), "the checkpointed run's params differ from its twin's"
         assert R.acc.micro_step == T.acc.micro_step
         assert R.acc.skipped_windows == T.acc.skipped_windows

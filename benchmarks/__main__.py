@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"all: { {k: round(v, 2) for k, v in data['copy_bandwidth']['candidates_GBps'].items()} })", flush=True)
         limit = None
         if device.type == "cpu":
-            data["stream_limit"] = common.same_pattern_limit(copy_numel, 0.05 if mode == "tiny" else 1.0)
+            # Masters + grads (6 B/element) four times the last-level cache: memory, not cache, bandwidth.
+            limit_numel = (1 << 22) if mode == "tiny" else max(1 << 26, 4 * common.last_level_cache_bytes(device) // 6)
+            data["stream_limit"] = common.same_pattern_limit(limit_numel, 0.05 if mode == "tiny" else 0.5)
             limit = data["stream_limit"]["GBps"]
             print("same-pattern CPU limit: " + (", ".join(f"{k} {v:.2f} GB/s" for k, v in limit.items()) if limit
                   else data["stream_limit"]["why"]), flush=True)

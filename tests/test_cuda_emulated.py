@@ -91,6 +91,17 @@ def test_emulation_missing_barrier_reads_poison_and_correct_code_passes(emulatio
     assert out[64] == sum(range(64))  # warp sums of the neighbours' values, added atomically
 
 
+def test_emulation_shuffle_variants(emulation):
+    status, out = emulation.kernel().selftest("shuffle_variants", threads=32)
+    assert status == 0, emulation.kernel().error()
+    lanes = range(32)
+    assert out[:32] == [lane - 3 if lane >= 3 else lane for lane in lanes]  # __shfl_up_sync by 3
+    assert out[32:64] == [lane ^ 5 for lane in lanes]  # __shfl_xor_sync
+    assert out[64:96] == [70] * 32  # __shfl_sync from lane 7
+    # __shfl_down_sync by 4 within segments of 8, then __syncthreads_and: all true (2), not all (0)
+    assert out[96:] == [(lane + 4 if lane % 8 < 4 else lane) * 10 + 2 for lane in lanes]
+
+
 def test_guard_bytes_catch_a_write_past_the_end(emulation):
     with pytest.raises(AssertionError, match="guard bytes"):
         with emulation.GuardedBuffers() as guarded:

@@ -73,6 +73,21 @@ __global__ void correct_reduction_kernel(int* out) {
   out[threadIdx.x] = any * 1000 + count;
 }
 
+__global__ void shuffle_variants_kernel(int* out) {
+  // One warp of 32: the other shuffles and __syncthreads_and, with values the test knows.
+  const int lane = int(threadIdx.x % 32);
+  const int up = __shfl_up_sync(0xffffffffu, lane, 3);
+  const int flipped = __shfl_xor_sync(0xffffffffu, lane, 5);
+  const int broadcast = __shfl_sync(0xffffffffu, lane * 10, 7);
+  const int segment = __shfl_down_sync(0xffffffffu, lane, 4, 8);
+  const int all = __syncthreads_and(lane < 32);
+  const int not_all = __syncthreads_and(lane != 5);
+  out[lane] = up;
+  out[32 + lane] = flipped;
+  out[64 + lane] = broadcast;
+  out[96 + lane] = segment * 10 + all * 2 + not_all;
+}
+
 }  // namespace
 
 extern "C" {
@@ -129,6 +144,7 @@ int simt_selftest(const char* name, int threads, int* out) {
     if (n == "missing_lane") return run(missing_lane_kernel);
     if (n == "missing_barrier") return run(missing_barrier_kernel);
     if (n == "correct_reduction") return run(correct_reduction_kernel);
+    if (n == "shuffle_variants") return run(shuffle_variants_kernel);
     throw std::runtime_error("no self-test " + n);
   });
 }

@@ -16,16 +16,24 @@ import torch
 from wrapper_helpers import (
     D_IN,
     D_OUT,
+    N_SMALL,
     OPTIMIZERS,
     N,
     assert_params_equal,
     assert_params_rel,
     assert_rel,
+    assert_same,
     loss_of,
     make_data,
     make_model,
+    params_of,
     run_large_batch,
     run_windows,
+    small_batches,
+    small_loss,
+    small_micro_step,
+    small_model,
+    through_disk,
 )
 
 from fusedaccum import GradAccumulator
@@ -261,3 +269,114 @@ def test_hooks_registered_on_the_wrapper_run():
     p.grad = torch.randn(3)
     acc.step()
     assert len(calls) == 8
+
+
+@pytest.mark.parametrize("how", ["compiled_train_step", "compiled_acc_step"])
+def test_compiled_train_step_matches_eager(how):
+    """Bug 1: inside a compiled train step, acc.step() moved the grads into the masters but never advanced the
+    window, so no update ever happened. step() now runs eagerly (a graph break at the call): the compiled run updates
+    on the same micro-steps as the eager one, over several windows, without a recompilation per micro-step; with
+    acc.step compiled alone the params are bit-identical, with the model's forward and backward compiled too they
+    agree to Inductor's float32 rounding."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_model, compiled_model = small_model(), small_model()
+    eager = GradAccumulator(torch.optim.SGD(eager_model.parameters(), lr=0.1, momentum=0.9), N_SMALL)
+    compiled = GradAccumulator(torch.optim.SGD(compiled_model.parameters(), lr=0.1, momentum=0.9), N_SMALL)
+
+    def train_step(model, acc, batch):
+        small_loss(model, batch).backward()
+        acc.step()
+        acc.zero_grad()
+
+    if how == "compiled_train_step":
+        compiled_step = torch.compile(train_step)
+    else:
+        step = torch.compile(compiled.step)
+
+        def compiled_step(model, acc, batch):
+            small_loss(model, batch).backward()
+            step()
+            acc.zero_grad()
+
+    updates = 0
+    for batch in small_batches(3 * N_SMALL):
+        train_step(eager_model, eager, batch)
+        compiled_step(compiled_model, compiled, batch)
+        assert compiled.micro_step == eager.micro_step and compiled.stepped == eager.stepped
+        updates += compiled.stepped
+    assert updates == 3
+    if how == "compiled_acc_step":
+        assert_same(params_of(compiled_model), params_of(eager_model))
+    else:
+        for a, b in zip(params_of(compiled_model), params_of(eager_model)):
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+    # One graph per compiled frame, compiled once: the window's position is not baked into a guard.
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+class FailsOnce(torch.optim.SGD):
+    """An optimizer whose first step raises (any failure during the update)."""
+
+    failed = False
+
+    def step(self, closure=None):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("optimizer failure")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_failed_update_drops_the_window_instead_of_wedging(in_backward):
+    """Bug 8, general form: any exception between counting the last micro-step and the update left micro_step at
+    accumulation_steps, and step() never updated again. Now the failed window is dropped (the error says so) and
+    the next window updates."""
+    model = small_model()
+    acc = GradAccumulator(FailsOnce(model.parameters(), lr=0.1), N_SMALL, accumulate_in_backward=in_backward)
+    data = small_batches(2 * N_SMALL)
+    for batch in data[: N_SMALL - 1]:
+        small_micro_step(model, acc, batch)
+    small_loss(model, data[N_SMALL - 1]).backward()
+    with pytest.raises(RuntimeError, match="optimizer failure"):
+        acc.step()
+    assert acc.micro_step == 0 and not acc.stepped
+    before = params_of(model)
+    for batch in data[N_SMALL:]:
+        small_micro_step(model, acc, batch)
+    assert acc.stepped and acc.micro_step == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, params_of(model)))
+
+
+def test_flush_as_the_first_update_after_a_resume_does_not_warn():
+    """After a resume, a flush() that applies the first update must count as optimizer.step() for an LR scheduler
+    (torch warned "lr_scheduler.step() before optimizer.step()", contrary to the README)."""
+    model = small_model()
+    acc = GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N_SMALL)
+    sched = torch.optim.lr_scheduler.StepLR(acc, step_size=1, gamma=0.5)
+    data = small_batches(2)
+    small_micro_step(model, acc, data[0])
+    state = through_disk({"acc": acc.state_dict(), "sched": sched.state_dict(), "model": model.state_dict()})
+
+    model2 = small_model(seed=5)
+    model2.load_state_dict(state["model"])
+    acc2 = GradAccumulator(torch.optim.SGD(model2.parameters(), lr=0.1), N_SMALL)
+    acc2.load_state_dict(state["acc"])
+    sched2 = torch.optim.lr_scheduler.StepLR(acc2, step_size=1, gamma=0.5)
+    sched2.load_state_dict(state["sched"])
+    small_micro_step(model2, acc2, data[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert acc2.flush()
+        sched2.step()
+
+
+def test_closure_that_is_not_callable_is_refused():
+    model = small_model()
+    acc = GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N_SMALL)
+    small_loss(model, small_batches(1)[0]).backward()
+    with pytest.raises(TypeError, match="closure must be a callable"):
+        acc.step(5)
+    assert acc.micro_step == 0 and all(p.grad is not None for p in model.parameters())

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from wrapper_helpers import make_model
+from wrapper_helpers import N_SMALL, make_model, small_model
 
 from fusedaccum import GradAccumulator
 
@@ -44,3 +44,10 @@ def test_constructor_bad_input():
         GradAccumulator(torch.optim.SGD(make_model().double().parameters(), lr=0.1), 4)
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("option", ["master_weights", "accumulate_in_backward"])
+def test_boolean_options_refuse_truthy_strings(option):
+    model = small_model()
+    with pytest.raises(TypeError, match=f"{option} must be a bool"):
+        GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N_SMALL, **{option: "no"})

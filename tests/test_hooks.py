@@ -11,10 +11,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 from wrapper_helpers import (
     D_IN,
     D_OUT,
+    N_SMALL,
     OPTIMIZERS,
     B,
     Branchy,
@@ -23,15 +25,20 @@ from wrapper_helpers import (
     assert_params_equal,
     assert_params_rel,
     assert_rel,
+    assert_same,
     assert_same_state,
+    bits_equal,
     deep_equal,
     loss_of,
     make_data,
     make_model,
+    params_of,
     restored,
     run_windows,
     saved,
+    small_batches,
     snapshot,
+    through_disk,
     twin,
 )
 
@@ -311,3 +318,91 @@ def test_in_backward_refusals():
     with pytest.raises(ValueError, match="weighted window"):
         acc.load_state_dict(plain.state_dict())
     assert deep_equal(snapshot(model, acc), before)
+
+
+class TwoBackwards(nn.Module):
+    """Two losses, two backwards per micro-step: in .grad they would sum in bf16, in the masters in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(5, 7).bfloat16()
+        self.head = nn.Linear(7, 2).bfloat16()
+
+    def losses(self, batch):
+        x, y = batch
+        h = torch.tanh(self.body(x))
+        return [nn.functional.mse_loss(self.head(h).float(), y.float()), h.float().pow(2).mean()]
+
+
+UNFREEZE_AT = 2 * N_SMALL - 1  # the last micro-step of the second window: its norm is summed in hook order
+
+
+def run_with_late_unfreeze(data, save_at=None, peek_state_dict=False, resume_from=None):
+    model = TwoBackwards()
+    # Frozen when the hooks are registered (a resume rebuilds the model as it was when saved).
+    model.body.bias.requires_grad_(resume_from is not None and resume_from["at"] >= UNFREEZE_AT)
+    acc = GradAccumulator(torch.optim.AdamW(model.parameters(), lr=1e-2), N_SMALL, accumulate_in_backward=True,
+                          max_grad_norm=0.05, master_weights=True)
+    start = 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        acc.load_state_dict(resume_from["acc"])
+        start = resume_from["at"]
+    saved = None
+    for i, batch in enumerate(data[start:], start):
+        if i == UNFREEZE_AT:
+            model.body.bias.requires_grad_(True)  # unfrozen mid-run, no wrapper call in between
+            if peek_state_dict:
+                acc.state_dict()
+        if i == save_at:
+            saved = through_disk({"model": model.state_dict(), "acc": acc.state_dict(), "at": i})
+        first, second = model.losses(batch)
+        first.backward(retain_graph=True)
+        second.backward()
+        acc.step()
+        acc.zero_grad()
+    return through_disk({"params": params_of(model), "acc": acc.state_dict()}), saved
+
+
+def test_in_backward_param_unfrozen_later_takes_the_hook_path():
+    """Bug 6: a param frozen when the hooks were registered and unfrozen later had no hook: its grad stayed alive
+    through backward and was added at step() (two backwards summed in bf16 first, its norm term added last). A
+    resumed wrapper, or one that merely had state_dict() called, hooked it: not bit-identical. Now every float
+    param is hooked, frozen or not, and an unfrozen one gets its master from its hook."""
+    data = small_batches(4 * N_SMALL, dtype=torch.bfloat16)
+    plain, _ = run_with_late_unfreeze(data)
+    peeked, _ = run_with_late_unfreeze(data, peek_state_dict=True)
+    assert bits_equal(peeked, plain)
+    _, saved = run_with_late_unfreeze(data, save_at=UNFREEZE_AT)
+    resumed, _ = run_with_late_unfreeze(data, resume_from=saved)
+    assert bits_equal(resumed, plain)
+
+
+def test_in_backward_sparse_grad_discards_the_window_with_a_clear_error():
+    """A sparse grad in accumulate_in_backward mode raised inside backward after earlier grads had been added, and
+    left them in a half-counted micro-step. Now the window is dropped and the error says so: the next window is
+    exactly a fresh wrapper's."""
+    def build_sparse():
+        torch.manual_seed(0)
+        embedding, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1)
+        acc = GradAccumulator(torch.optim.SGD([*embedding.parameters(), *head.parameters()], lr=0.1), N_SMALL,
+                              accumulate_in_backward=True)
+        return embedding, head, acc
+
+    embedding, head, acc = build_sparse()
+    tokens = torch.tensor([1, 2, 3])
+    head(nn.functional.embedding(tokens, embedding.weight.detach())).sum().backward()  # a first micro-step
+    acc.step()
+    with pytest.raises(ValueError, match="sparse .*The window was discarded"):
+        head(embedding(tokens)).sum().backward()  # the dense head's grads arrive first, then the sparse one
+    assert acc.micro_step == 0
+    fresh_embedding, fresh_head, fresh = build_sparse()
+    for e, h, a in ((embedding, head, acc), (fresh_embedding, fresh_head, fresh)):
+        e.weight.requires_grad_(False)
+        e.weight.grad = None
+        for _ in range(N_SMALL):
+            h(e(tokens)).sum().backward()
+            a.step()
+        assert a.stepped
+    assert_same(params_of(head), params_of(fresh_head))

@@ -15,6 +15,7 @@ from wrapper_helpers import (
     D_HID,
     D_IN,
     D_OUT,
+    N_SMALL,
     B,
     Branchy,
     N,
@@ -24,6 +25,9 @@ from wrapper_helpers import (
     loss_of,
     make_data,
     make_model,
+    small_batches,
+    small_micro_step,
+    small_model,
     snapshot,
 )
 
@@ -241,3 +245,39 @@ def test_step_rejected_by_the_kernel_checks_changes_nothing(before: int):
     # a had a grad of ones on every micro-step, b on all but the first: the rejected call added nothing.
     assert torch.allclose(a0 - a.detach(), torch.full((4,), 0.1)), "an earlier rejected call leaked into the window"
     assert torch.allclose(b0 - b.detach(), torch.full((4,), 0.1 * (1.0 if before == 0 else (4 - 1) / 4)))
+
+
+def test_refused_add_param_group_leaves_the_wrapped_optimizer_alone():
+    """Bug 7: a group the wrapper refuses (float64 params) was still added to the wrapped optimizer, and every later
+    step() raised."""
+    model = small_model()
+    acc = GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N_SMALL)
+    data = small_batches(N_SMALL)
+    small_micro_step(model, acc, data[0])
+    extra = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float64"):
+        acc.add_param_group({"params": [extra]})
+    assert len(acc.optimizer.param_groups) == 1 and len(acc.param_groups) == 1
+    for batch in data[1:]:
+        small_micro_step(model, acc, batch)
+    assert acc.stepped
+
+
+def test_meta_device_params_are_refused_at_construction():
+    """Bug 8: meta-device params were accepted; the window's last step() then failed with NotImplementedError after
+    counting the micro-step, and step() never updated again."""
+    with torch.device("meta"):
+        model = small_model()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*meta device"):
+        GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), N_SMALL)
+
+
+def test_params_sharing_one_grad_are_named():
+    """Two params handed one .grad tensor: the refusal names the params, not the op's internal list indices."""
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    acc = GradAccumulator(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), N_SMALL)
+    a.grad = b.grad = torch.randn(4)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] and param_groups\[1\]\['params'\]\[0\] "
+                                         r"have one \.grad tensor"):
+        acc.step()
+    assert acc.micro_step == 0

@@ -9,8 +9,26 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
-from wrapper_helpers import D_IN, D_OUT, B, N, loss_of, make_data, make_model, run_large_batch, run_windows
+from torch import nn
+from wrapper_helpers import (
+    D_IN,
+    D_OUT,
+    N_SMALL,
+    B,
+    N,
+    bits_equal,
+    build_adamw,
+    loss_of,
+    make_data,
+    make_model,
+    run_large_batch,
+    run_windows,
+    small_batches,
+    small_micro_step,
+    through_disk,
+)
 
 from fusedaccum import GradAccumulator
 
@@ -97,3 +115,41 @@ def test_master_weights_resume_keeps_changes_made_after_an_update():
             micro(model_c, acc_c, x, y)
         for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
             assert torch.equal(p_a, p_c), f"resumed run differs (model loaded first: {model_first})"
+
+
+def test_overlapping_low_precision_params_with_master_weights_are_refused_at_construction():
+    """Before: the fp32 copies were stepped, then the write-back refused: nothing applied, but the state moved."""
+    storage = torch.randn(10).bfloat16()
+    a = nn.Parameter(storage[:6])
+    b = nn.Parameter(storage[4:])
+    with pytest.raises(ValueError, match="share memory"):
+        GradAccumulator(torch.optim.SGD([a, b], lr=0.1), N_SMALL, master_weights=True)
+    GradAccumulator(torch.optim.SGD([a, b], lr=0.1), N_SMALL)  # without master weights nothing is written back
+
+
+def test_wrapped_optimizer_state_dict_with_master_weights_works_and_round_trips():
+    """Bug 4: with master_weights=True the wrapped optimizer's state is keyed by the float32 copies, which are not in
+    its param_groups, so acc.optimizer.state_dict() raised KeyError after the first update. Now it works, keeps the
+    float32 state, leaves the model's params in the param_groups, and loads back into a fresh wrapper's optimizer
+    unchanged (the master weights themselves are in acc.state_dict(), which resumes bit-identically)."""
+    dtype = torch.bfloat16
+    data = small_batches(3 * N_SMALL, dtype=dtype)
+    model, acc = build_adamw(dtype, master_weights=True, frozen=False)
+    for batch in data[: 2 * N_SMALL]:
+        small_micro_step(model, acc, batch)
+    saved = through_disk(acc.optimizer.state_dict())
+    assert all(p is q for p, q in zip(acc.param_groups[0]["params"], model.parameters()))
+    assert saved["state"] and all(v.dtype == torch.float32 for s in saved["state"].values()
+                                  for k, v in s.items() if k != "step")
+    assert bits_equal(saved["state"], through_disk(acc.state_dict())["state"])
+
+    resumed_model, resumed = build_adamw(dtype, master_weights=True, frozen=False, seed=3)
+    resumed.optimizer.load_state_dict(saved)
+    assert all(p is q for p, q in zip(resumed.param_groups[0]["params"], resumed_model.parameters()))
+    assert bits_equal(through_disk(resumed.optimizer.state_dict()), saved)
+    for batch in data[2 * N_SMALL:]:
+        small_micro_step(resumed_model, resumed, batch)
+    assert resumed.stepped and resumed.optimizer.state_dict()["state"][0]["step"].item() == 3
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        resumed.optimizer.load_state_dict({"state": {}, "param_groups": []})
+    assert all(p is q for p, q in zip(resumed.param_groups[0]["params"], resumed_model.parameters()))

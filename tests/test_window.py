@@ -7,8 +7,11 @@ and "reference" where the backend matters.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 from wrapper_helpers import (
     D_IN,
     D_OUT,
@@ -251,3 +254,66 @@ def test_window_whose_sum_overflows_float32_is_skipped():
     p.grad = torch.ones(5)
     acc.step()
     assert acc.stepped and torch.allclose(p.detach(), before - 0.1 * 2.0)
+
+
+def weighted_window_update(weights, grads_scale: float = 1.0, reduction: str = "mean"):
+    """SGD(lr=1) on a zero param, one window of explicit grads with these weights: returns -param (the window's
+    gradient), the float64 expectation and the bound on float32 rounding (a few units of roundoff of the sum of
+    the terms' magnitudes, per element)."""
+    g = torch.Generator().manual_seed(11)
+    grads = [torch.randn(64, generator=g) * grads_scale for _ in weights]
+    p = nn.Parameter(torch.zeros(64))
+    acc = GradAccumulator(torch.optim.SGD([p], lr=1.0), len(weights), reduction=reduction)
+    for w, grad in zip(weights, grads):
+        p.grad = grad.clone()
+        acc.step(weight=w)
+    assert acc.stepped and acc.skipped_windows == 0
+    total = sum(w * grad.double() for w, grad in zip(weights, grads))
+    magnitude = sum(w * grad.double().abs() for w, grad in zip(weights, grads))
+    divisor = math.fsum(weights) if reduction == "mean" else 1.0
+    bound = (len(weights) + 3) * 2.0**-24 * magnitude / divisor
+    return -p.detach().double(), total / divisor, bound
+
+
+@pytest.mark.parametrize("weights", [[1.2e-38] * 4, [1e38] * 4, [3e38, 1e38, 2e38], [2e-38, 7e-36, 1.5e-37],
+                                     [1e-15, 1e15, 3.0]])
+def test_extreme_weights_give_the_weighted_mean(weights):
+    """Bug 5: equal weights of 1.2e-38 made the products w*g subnormal (the mean 0.7% off, small grads 0), equal
+    weights of 1e38 overflowed w*g and the window was dropped as non-finite. The masters now accumulate w_i / ref
+    with ref a power of two near the window's first weight: the weighted mean is right to float32 rounding."""
+    got, expected, bound = weighted_window_update(weights)
+    assert ((got - expected).abs() <= bound).all(), ((got - expected).abs() / bound).max()
+
+
+def test_tiny_gradient_survives_tiny_weights():
+    got, expected, bound = weighted_window_update([1.2e-38] * 4, grads_scale=4e-8)
+    assert (got != 0).all() and ((got - expected).abs() <= bound).all()
+
+
+def test_weights_scaled_by_a_power_of_two_give_the_same_bits():
+    """The normalisation is exact: weights w_i and w_i * 2**k give bit-identical updates, and so do the token counts
+    the wrapper always handled (their bits did not change)."""
+    base, _, _ = weighted_window_update([3.0, 5.0, 7.0, 11.0])
+    for k in (-120, -30, 1, 40, 100):
+        scaled, _, _ = weighted_window_update([math.ldexp(w, k) for w in (3.0, 5.0, 7.0, 11.0)])
+        assert torch.equal(scaled, base), k
+
+
+def test_sum_reduction_with_large_weights():
+    got, expected, bound = weighted_window_update([1e-30, 3e-30], reduction="sum")
+    assert ((got - expected).abs() <= bound).all()
+
+
+def test_weights_too_far_apart_are_refused_before_anything_changes():
+    p = nn.Parameter(torch.zeros(8))
+    acc = GradAccumulator(torch.optim.SGD([p], lr=1.0), 3)
+    p.grad = torch.ones(8)
+    acc.step(weight=1e-37)
+    p.grad = torch.ones(8)
+    with pytest.raises(ValueError, match="more than float32's range apart"):
+        acc.step(weight=1e38)
+    assert acc.micro_step == 1 and p.grad is not None
+    acc.step(weight=3e-37)
+    p.grad = torch.ones(8)
+    acc.step(weight=2e-37)
+    assert acc.stepped and torch.allclose(p.detach(), torch.full((8,), -1.0))

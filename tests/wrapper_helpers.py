@@ -238,3 +238,70 @@ class Dyadic(nn.Module):
 
     def forward(self, x):
         return (self.p * x).sum() + (self.q * x[:3]).sum()
+
+
+# ---------------------------------------------- helpers of the issue 11 regression tests
+
+
+N_SMALL = 3
+
+
+def small_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).to(dtype)
+
+
+def small_batches(
+    count: int, seed: int = 1, dtype: torch.dtype = torch.float32
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 5, generator=g).to(dtype), torch.randn(4, 2, generator=g).to(dtype)) for _ in range(count)]
+
+
+def small_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(model(x).float(), y.float())
+
+
+def small_micro_step(model, acc, batch, weight=None) -> None:
+    small_loss(model, batch).backward()
+    acc.step(weight=weight)
+    acc.zero_grad()
+
+
+def through_disk(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def bits_equal(a, b) -> bool:
+    """Bitwise equality of nested state (dicts, lists, tensors, numbers)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8)
+                                                       if b.dim() else b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(bits_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(bits_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def build_adamw(dtype: torch.dtype, master_weights: bool, frozen: bool, seed: int = 0):
+    model = small_model(seed, dtype)
+    if frozen:
+        model[0].bias.requires_grad_(False)
+    acc = GradAccumulator(torch.optim.AdamW(model.parameters(), lr=1e-2), N_SMALL, master_weights=master_weights)
+    return model, acc

@@ -75,7 +75,7 @@ check-oldest-torch:
 
 # The CUDA kernel on the CPU under the SIMT emulation of tests/simt, with ThreadSanitizer (64 threads per block)
 # and with AddressSanitizer + UBSan, then the mutation check: classic bugs injected into a copy of the kernel must
-# each fail the emulated suite (tests/simt/check.py says which check caught each). 3-7 minutes on 2 cores.
+# each fail the emulated suite (tests/simt/check.py says which check caught each). 4-8 minutes on 2 cores.
 check-cuda-emulated: build
 	$(VENV)/bin/python tests/simt/check.py --pytest
 

@@ -2,21 +2,28 @@
 
 Hypothesis drives random programs over a tiny model and three copies of the training run:
 
-- ``R``: the run under test; mid-window it is checkpointed (``acc.state_dict()``, the model's and the scheduler's,
-  through ``torch.save`` -> ``torch.load(weights_only=True)``) and replaced by freshly built model, optimizer,
-  wrapper and scheduler objects that load the checkpoint;
+- ``R``: the run under test; at any micro-step it is checkpointed (``acc.state_dict()``, the model's and the
+  scheduler's, through ``torch.save`` -> ``torch.load(weights_only=True)``) and replaced by freshly built model,
+  optimizer, wrapper and scheduler objects that load the checkpoint (the model before the wrapper is built, after,
+  or after ``acc.load_state_dict``);
 - ``T``: its uninterrupted twin, fed the same actions: R and T must stay bit-identical (params after every action,
-  optimizer state after every update, the full state dicts at the end);
+  optimizer state after every ``step()``/``flush()``; at the end the window is flushed and compared too);
 - ``F``: a plain-torch float64 model of the README's "Gradient accumulation" semantics, written from the README,
-  not from the implementation: the same torch optimizer class steps float64 copies of the params with the
-  float64 window gradient (mean / weighted mean / sum of the micro-step gradients, clipped with
-  ``min(max_norm / (norm + 1e-6), 1)``), windows with a non-finite gradient (or an fp32 overflow of the
-  accumulated gradient or of its squared norm) are skipped, a param without a gradient in the whole window gets
-  ``grad = None``, a window in which no param got a gradient raises ``RuntimeError`` at the update and changes
-  nothing. After every applied update R's params must be within 1e-6 of F's (relative to the tensor's largest
-  element plus the sum of its updates' largest elements); bf16 params (``master_weights=True``) within one bf16
-  rounding of F's float64 master, plus that.
-  A skipped window must leave params and optimizer state bit for bit as they were.
+  not from the implementation: the same torch optimizer class and LR scheduler step float64 copies of the params
+  with the float64 window gradient (mean / weighted mean / sum of the micro-step gradients, clipped with
+  ``min(max_norm / (norm + 1e-6), 1)``). Windows with a non-finite gradient, or whose fp32 accumulation or fp32
+  squared norm overflows, are skipped; a param without a gradient in the whole window gets ``grad = None``; a
+  window in which no param got a gradient raises ``RuntimeError`` at the update and changes nothing.
+
+Checked after every applied update: R's params within 1e-6 of F's, relative to the tensor's largest element plus
+the sum of its updates' largest elements (bf16 params with ``master_weights=True``: within one bf16 rounding of
+F's value, and their fp32 copies within the 1e-6); ``acc.grad_norm`` (the norm before clipping); which params
+have optimizer state; ``acc.stepped``, ``acc.micro_step``, ``acc.skipped_windows``; step hooks on
+``acc.optimizer`` once per update; no "lr_scheduler.step() before optimizer.step()" warning. A skipped window, an
+accumulating micro-step and every refused call (bad weight, mixed weighting, no gradient in the window) leave
+params and optimizer state bit for bit as they were, and a refused ``step()`` leaves the ``.grad`` s too. Every
+``step()`` leaves no ``.grad``; ``step(closure)`` calls the closure once and returns its loss. At each checkpoint
+``acc.optimizer.state_dict()`` equals ``acc.state_dict()`` without its ``"fusedaccum"`` entry.
 
 The model's micro-step gradients are what the wrapper is documented to read: in the default mode each param's
 ``.grad`` when ``step()`` runs (so two backwards are summed by autograd in the param dtype, and
@@ -26,11 +33,20 @@ The model's micro-step gradients are what the wrapper is documented to read: in 
 
 The model: ``h = tanh(x W1' + b1) * gate``; a branch ``h += tanh(h Wb' + bb)`` taken only in some micro-steps;
 ``out = h W2' + b2``, times ``extra`` once ``extra`` has been added with ``add_param_group`` (at any time, also
-mid-window). ``gate`` is frozen and unfrozen (``requires_grad``) by the program: unfrozen at any time, frozen only
-while it has no gradient in the current window (freezing a param that already holds part of the window's gradient
-is not specified by the README).
+mid-window). Weighted windows (default mode) use weights times 1 or near float32's normal range's ends.
 
-Profiles: ``ci`` (default, about a minute in all) and ``large`` (``HYPOTHESIS_PROFILE=large``, ``make test-slow``).
+``gate`` is frozen and unfrozen by the program (``requires_grad_``, the "toggle" variants). README: a param frozen
+mid-window keeps its partial sum until the window ends, then leaves the layout; with ``master_weights`` its fp32
+copy goes and its optimizer state returns to it in bf16. F rounds gate and its state to bf16 when it leaves: at its
+window's end, or, frozen at a window boundary, at the next ``step()``, non-empty ``flush()`` or ``state_dict()``
+(other calls do not say whether the wrapper looked at the layout: after one, gate is not unfrozen before it has
+left). Two consequences of that design are not tested as promises: a checkpoint cannot hold a frozen param's fp32
+copy, so when gate is frozen at a boundary and has not left yet, the twin saves a checkpoint too (else it keeps the
+fp32 state that the resumed run lost); and no checkpoint is taken while frozen gate holds part of the window's
+gradient (the README does not say how a fresh setup with it frozen takes that partial sum).
+
+Profiles: ``ci`` (default, about a minute in all, derandomized) and ``large`` (``HYPOTHESIS_PROFILE=large``,
+``make test-slow``). ``FUSEDACCUM_STATEFUL_EXAMPLES`` overrides the number of programs per variant.
 """
 
 from __future__ import annotations
@@ -57,7 +73,7 @@ from fusedaccum import GradAccumulator
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # Programs per test variant and actions per program.
-EXAMPLES = int(os.environ.get("FUSEDACCUM_STATEFUL_EXAMPLES", {"ci": 60, "large": 600}.get(PROFILE, 60)))
+EXAMPLES = int(os.environ.get("FUSEDACCUM_STATEFUL_EXAMPLES", {"ci": 70, "large": 600}.get(PROFILE, 70)))
 STEPS = {"ci": 50, "large": 80}.get(PROFILE, 50)
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -337,6 +353,23 @@ def assert_close_to_reference(run: Run, ref: Reference, names: list[str]) -> Non
             f"param {n} differs from the float64 model: max error {float(err.max()):.3e}, scale (largest element + "
             f"path of its updates) {scale:.3e}\nactual   {actual}\nexpected {expected}"
         )
+    if run.cfg["master_weights"] and run.cfg["dtype"] != torch.float32:
+        # The fp32 copies themselves (acc.state is keyed by them): within REL_TOL of the float64 model. A copy is
+        # matched to its bf16 param by shape and by rounding to it.
+        for copy in run.acc.state:
+            if copy.dtype != torch.float32:
+                continue  # the state of a param outside the layout (frozen), keyed by the param itself
+            owners = [n for n in names if run.param(n).shape == copy.shape
+                      and bits(copy.detach().to(run.cfg["dtype"])) == bits(run.param(n))]
+            assert len(owners) == 1, f"an fp32 master weight {copy} rounds to {len(owners)} params"
+            n = owners[0]
+            expected = ref.p[n].detach()
+            err = float((copy.detach().to(torch.float64) - expected).abs().max())
+            scale = float(expected.abs().max()) + ref.path[n]
+            assert err <= REL_TOL * scale, (
+                f"the fp32 master weight of {n} differs from the float64 model: max error {err:.3e}, scale "
+                f"{scale:.3e}\nactual   {copy}\nexpected {expected}"
+            )
 
 
 MICRO_ARGS = dict(
@@ -727,11 +760,11 @@ VARIANTS = {
 LEAVES_LATE = (
     "found by test_stateful (not in issue 11): a param frozen mid-window does not leave the layout when its "
     "window ends (README: 'then leaves the layout (with master_weights, its fp32 copy goes and its optimizer "
-    "state returns to it in its dtype)'), only at the next step()/state_dict(): unfrozen before that, it keeps "
-    "its fp32 copy and state (the float64 model rounds them), and a checkpoint in between makes the resumed run "
-    "differ from the uninterrupted one"
+    "state returns to it in its dtype)'), only at the next step()/state_dict(): its fp32 copy is still in "
+    "acc.state after the update; unfrozen before the next step, it keeps its fp32 copy and state (the float64 "
+    "model rounds them), and a checkpoint in between makes the resumed run differ from the uninterrupted one"
 )
-XFAIL: dict[str, str] = {"in_backward-bf16-master-toggle": LEAVES_LATE}
+XFAIL: dict[str, str] = {"default-bf16-master-toggle": LEAVES_LATE, "in_backward-bf16-master-toggle": LEAVES_LATE}
 
 
 @pytest.fixture(autouse=True)

@@ -511,12 +511,16 @@ class AccumulatorMachine(RuleBasedStateMachine):
             weighted = False
         elif F.n == 0:
             weighted = new_window_weighted
-            # README: any weights in float32's normal range; a weighted mean does not depend on their scale (a
-            # weighted sum does, and would under- or overflow the gradient itself)
+            # README: any weights in float32's normal range work, and the masters accumulate (w_i / 2^k) g_i with
+            # 2^k the power of two at or below the window's first weight, "dividing by a power of two is exact".
+            # So the checkpointed run R gets the window's weights times a power of two (near the ends of
+            # float32's normal range), its twin T the plain weights: a weighted mean must come out bit-identical.
+            # (Not for a weighted sum, which scales with the weights.)
             self.window_scale = new_window_scale if self.cfg["reduction"] == "mean" else 1.0
         else:
             weighted = bool(F.weighted)
-        w = weight * self.window_scale if weighted else None
+        w = weight * self.window_scale if weighted else None  # R's weight (and the model's)
+        w_twin = weight if weighted else None
         before = {id(run): (run.params_bits(), self._fp(run)) for run in self.runs()}
 
         outcome = None
@@ -544,7 +548,10 @@ class AccumulatorMachine(RuleBasedStateMachine):
                 if not closure:
                     outcome = F.micro(captured, w)
                 # with a closure the gradients are only known once step() has called it: decided below
-            step_weight = None if w is None else (torch.tensor(w, dtype=torch.float32) if weight_as_tensor else w)
+            w_run = w if is_R else w_twin
+            step_weight = (
+                None if w_run is None else (torch.tensor(w_run, dtype=torch.float32) if weight_as_tensor else w_run)
+            )
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", UserWarning)
@@ -744,9 +751,9 @@ class AccumulatorMachine(RuleBasedStateMachine):
         self._compare_twins(state=True)
         # The window bookkeeping of the state dicts (the raw master buffers are not compared: between windows
         # they hold what the last window left, and their layout differs when the twin has not yet looked at a
-        # param frozen before the checkpoint).
+        # param frozen before the checkpoint; nor the weight sums: R's weights are scaled).
         ours = [run.acc.state_dict()["fusedaccum"] for run in self.runs()]
-        for field in ("micro_step", "weight_sum", "weighted", "stepped", "skipped_windows", "grad_norm", "found_inf"):
+        for field in ("micro_step", "weighted", "stepped", "skipped_windows", "grad_norm", "found_inf"):
             deep_bits_equal(ours[0].get(field), ours[1].get(field), f"fusedaccum/{field}")
         deep_bits_equal(self.R.sched.state_dict(), self.T.sched.state_dict(), "sched")
 
@@ -836,6 +843,14 @@ PINNED = {
         setup(opt="adamw", gate_frozen=True), micro(), micro(seed=1), act("unfreeze_gate"),
         micro(seed=2, zero_before_step=True), micro(seed=3, backwards=2), act("checkpoint", load_order=1),
         micro(seed=4, backwards=2), micro(seed=5), micro(seed=6, closure=True),
+    ]),
+    # issue 11 bug 5: weights near the ends of float32's normal range made the products w*g subnormal (or overflow).
+    # R's weights are the twin's times 2^-124 and 2^120: the weighted means must be bit-identical.
+    "bug5-extreme-weights": ("default-fp32-fixed", None, [
+        setup(opt="adamw"), micro(new_window_weighted=True, new_window_scale=2.0**-124, weight=0.25),
+        micro(seed=1, new_window_weighted=True, weight=3.0),
+        micro(seed=2, new_window_weighted=True, new_window_scale=2.0**120, weight=7.0),
+        micro(seed=3, new_window_weighted=True, weight=0.5, closure=True),
     ]),
     # Found by this test, not in issue 11: a bf16 param frozen mid-window (master_weights) is updated with its
     # partial sum when the window ends, but does not leave the layout then (README: "keeps its partial sum until

@@ -412,8 +412,10 @@ class MasterGrads:
         """A new window: nothing touched, no inf seen."""
         self.touched = [False] * len(self.entries)
         self.set_found(None, False)
-        if any(not e.param.requires_grad for e in self.entries):
-            self._walk = None  # a param frozen in this window leaves the layout at the next micro-step's walk
+
+    def holds_frozen(self) -> bool:
+        """Whether a param frozen during the window still has a master (it leaves when the window ends)."""
+        return any(not e.param.requires_grad and e.param.grad is None for e in self.entries)
 
     def scale_all_(self, coef: torch.Tensor) -> None:
         # One op per buffer; regions of params without a grad this window are never read, so scaling them too is

@@ -421,6 +421,10 @@ class GradAccumulator(torch.optim.Optimizer):
         self._window.reset()
         self._masters.reset()
         self._mode.reset()
+        if self._masters.holds_frozen():
+            # A param frozen during the window leaves the layout now, as its window ends (not at the next call that
+            # looks: unfrozen before then, it would keep its copy and state, and a checkpoint in between would not).
+            self._sync_layout()
 
     # --------------------------------------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ from fusedaccum import GradAccumulator
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 # Programs per test variant and actions per program: ci about a minute in all on 2 CPU cores, large about 20
-# minutes (about 3 min per variant; the two xfail variants stop at their first failure).
+# minutes (about 3 min per variant).
 EXAMPLES = int(os.environ.get("FUSEDACCUM_STATEFUL_EXAMPLES", {"ci": 70, "large": 1000}.get(PROFILE, 70)))
 STEPS = {"ci": 50, "large": 80}.get(PROFILE, 50)
 
@@ -765,14 +765,7 @@ VARIANTS = {
     for toggle in (False, True)
 }
 # Variants whose ci run fails today because of a known bug: {variant: reason}.
-LEAVES_LATE = (
-    "found by test_stateful (not in issue 11): a param frozen mid-window does not leave the layout when its "
-    "window ends (README: 'then leaves the layout (with master_weights, its fp32 copy goes and its optimizer "
-    "state returns to it in its dtype)'), only at the next step()/state_dict(): its fp32 copy is still in "
-    "acc.state after the update; unfrozen before the next step, it keeps its fp32 copy and state (the float64 "
-    "model rounds them), and a checkpoint in between makes the resumed run differ from the uninterrupted one"
-)
-XFAIL: dict[str, str] = {"default-bf16-master-toggle": LEAVES_LATE, "in_backward-bf16-master-toggle": LEAVES_LATE}
+XFAIL: dict[str, str] = {}  # variants that fail today (strict xfail, with the reason): none
 
 
 @pytest.fixture(autouse=True)
@@ -852,13 +845,13 @@ PINNED = {
         micro(seed=2, new_window_weighted=True, new_window_scale=2.0**120, weight=7.0),
         micro(seed=3, new_window_weighted=True, weight=0.5, closure=True),
     ]),
-    # Found by this test, not in issue 11: a bf16 param frozen mid-window (master_weights) is updated with its
-    # partial sum when the window ends, but does not leave the layout then (README: "keeps its partial sum until
-    # the window ends, then leaves the layout (... its fp32 copy goes and its optimizer state returns to it in
-    # its dtype)"); it leaves at the wrapper's next look at the layout. A checkpoint looks: the resumed run's
-    # state is bf16, the uninterrupted run, unfrozen before its next step, keeps float32: not bit-identical.
+    # Found by this test, not in issue 11: a bf16 param frozen mid-window (master_weights) was updated with its
+    # partial sum when the window ended, but left the layout only at the wrapper's next look at it (README: "keeps
+    # its partial sum until the window ends, then leaves the layout (... its fp32 copy goes and its optimizer state
+    # returns to it in its dtype)"). A checkpoint looks: the resumed run's state was bf16 while the uninterrupted
+    # run, unfrozen before its next step, kept float32: not bit-identical. Fixed: it leaves as the window ends.
     **{
-        f"frozen-mid-window-leaves-late-{mode}": (f"{mode}-bf16-master-toggle", LEAVES_LATE, [
+        f"frozen-mid-window-leaves-late-{mode}": (f"{mode}-bf16-master-toggle", None, [
             setup(), micro(), act("freeze_gate"), act("flush"), act("checkpoint", load_order=0),
             act("unfreeze_gate"), micro(seed=1), micro(seed=2),
         ])

@@ -90,6 +90,24 @@ OPTIMIZERS = {
     "adagrad": (torch.optim.Adagrad, dict(lr=0.05, eps=1e-2, weight_decay=0.01)),
     "rmsprop": (torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, eps=1e-2, momentum=0.5)),
 }
+
+
+def _takes_new_groups(name: str) -> bool:
+    """Whether the installed torch's optimizer steps a param added with add_param_group: torch 2.11's Adagrad
+    creates its state in __init__ only, so plain torch itself fails (KeyError 'sum') there."""
+    cls, hp = OPTIMIZERS[name]
+    opt = cls([torch.zeros(1, requires_grad=True)], **hp)
+    added = torch.zeros(1, requires_grad=True)
+    opt.add_param_group({"params": [added]})
+    added.grad = torch.ones(1)
+    try:
+        opt.step()
+    except KeyError:
+        return False
+    return True
+
+
+TAKES_NEW_GROUPS = {name: _takes_new_groups(name) for name in OPTIMIZERS}
 BASE = ["w1", "b1", "gate", "wb", "bb", "w2", "b2"]  # group 0, in this order
 EXTRA = "extra"  # group 1, added by add_param_group
 EXTRA_LR = 0.02
@@ -688,7 +706,7 @@ class AccumulatorMachine(RuleBasedStateMachine):
         self._compare_twins(state=False)  # the twin's gate may leave the layout at its next step, not now
 
     # ---------------------------------------------------------------------------------- layout changes
-    @precondition(lambda self: self.ready and not self.extra_added)
+    @precondition(lambda self: self.ready and not self.extra_added and TAKES_NEW_GROUPS[self.cfg["opt"]])
     @rule()
     def add_param_group(self):
         for run in self.runs():

@@ -1,9 +1,6 @@
 """GradAccumulator, the facade: exact large-batch maths end to end, the Optimizer contract (schedulers, closures,
 return values, step hooks, copies) and the single-process PITFALLS.md rows it makes impossible (each such test names
 its row).
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

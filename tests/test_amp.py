@@ -1,7 +1,4 @@
 """The GradScaler link (fusedaccum/_amp.py): fp16 loops, refused scaler calls, exact unscaling.
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
 """State dicts (fusedaccum/_checkpoint.py): resume bit-identically at any micro-step; another layout is refused.
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
 """GradAccumulator's constructor options (fusedaccum/_config.py): bad arguments are refused and nothing is built.
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """accumulate_in_backward (fusedaccum/_hooks.py): the default mode's maths, bit for bit, with each grad freed at
 once.
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

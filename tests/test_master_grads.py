@@ -1,8 +1,5 @@
 """The float32 master gradients (fusedaccum/_master_grads.py): their precision, one flat buffer per (device,
 dtype), the layout and its changes, params without grads, refused grads.
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

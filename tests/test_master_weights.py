@@ -1,7 +1,4 @@
 """float32 master weights of bf16/fp16 params (fusedaccum/_master_weights.py).
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

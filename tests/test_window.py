@@ -1,8 +1,5 @@
 """The window (fusedaccum/_window.py and the window's end in the facade): mean, sum and weighted means, short
 windows, clipping on the whole window, skipped and refused windows, bad weights.
-
-Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
-and "reference" where the backend matters.
 """
 
 from __future__ import annotations

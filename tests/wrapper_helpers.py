@@ -1,5 +1,8 @@
-"""Shared helpers of the GradAccumulator tests: tiny models, data, runs and bitwise comparisons (tests/ is on
-pytest's pythonpath: `from wrapper_helpers import ...`)."""
+"""Shared helpers of the GradAccumulator tests (tests/test_accumulator.py and one file per part of the wrapper):
+tiny models, data, runs and bitwise comparisons (tests/ is on pytest's pythonpath: `from wrapper_helpers import`).
+
+Small models and fresh random data, CPU. Backends: "cpu" (the compiled C++ kernels) unless a test says otherwise,
+and "reference" where the backend matters."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ window's end, or, frozen at a window boundary, at the next ``step()``, non-empty
 (other calls do not say whether the wrapper looked at the layout: after one, gate is not unfrozen before it has
 left). Two consequences of that design are not tested as promises: a checkpoint cannot hold a frozen param's fp32
 copy, so when gate is frozen at a boundary and has not left yet, the twin saves a checkpoint too (else it keeps the
-fp32 state that the resumed run lost); and no checkpoint is taken while frozen gate holds part of the window's
+fp32 state that the resumed run lost; the pinned program frozen-at-boundary-checkpoint-unfrozen, a strict xfail,
+keeps that question open); and no checkpoint is taken while frozen gate holds part of the window's
 gradient (the README does not say how a fresh setup with it frozen takes that partial sum).
 
 Profiles: ``ci`` (default, about a minute in all, derandomized) and ``large`` (``HYPOTHESIS_PROFILE=large``,

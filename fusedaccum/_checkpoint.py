@@ -52,13 +52,22 @@ def assemble(window: Window, masters: MasterGrads, weights: MasterWeights, group
         # At a window boundary the masters hold nothing of use (a window's first grad overwrites them): not saved.
         "master_grads": list(masters.buffers.values()) if window.micro_step else [],
         "master_weight_tensors": weights.saved([e.param for e in masters.entries]),
+        # Optional (absent before it existed): the copies of frozen params, by position in the flattened groups.
+        "frozen_master_weights": weights.saved(_group_params(groups), skip={id(e.param) for e in masters.entries}),
     }
 
 
-def load(saved: dict[str, Any], window: Window, masters: MasterGrads, weights: MasterWeights) -> None:
+def _group_params(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+    return [p for g in groups for p in g["params"]]
+
+
+def load(
+    saved: dict[str, Any], window: Window, masters: MasterGrads, weights: MasterWeights, groups: list[dict[str, Any]]
+) -> None:
     """Loads a checked entry into the parts (whose window has just been reset)."""
     masters.load(saved["master_grads"], saved["touched"])
     weights.load([e.param for e in masters.entries], saved["master_weight_tensors"])
+    weights.load(_group_params(groups), saved.get("frozen_master_weights", {}))
     window.load(saved)
     masters.set_found(None, saved["found_inf"])
 
@@ -126,6 +135,15 @@ def check(
                f"{sorted(master_weight_shapes)}")
     for i, tensor in saved_weights.items():
         _check_float32(refuse, f"master_weight_tensors[{i}]", tensor, master_weight_shapes[i])
+    frozen = entry.get("frozen_master_weights", {})  # optional: absent from entries written before it existed
+    group_params = _group_params(groups)
+    frozen_shapes = {i: p.shape for i, p in enumerate(group_params)
+                     if weights.master_of(p) is not None and id(p) not in {id(q) for q in params}}
+    if not isinstance(frozen, dict) or not set(frozen) <= set(frozen_shapes):
+        refuse(f"frozen_master_weights for params {sorted(frozen, key=str) if isinstance(frozen, dict) else frozen!r}"
+               f", expected some of {sorted(frozen_shapes)}")
+    for i, tensor in frozen.items():
+        _check_float32(refuse, f"frozen_master_weights[{i}]", tensor, frozen_shapes[i])
     if entry["micro_step"] and entry["weighted"] and in_backward:
         raise ValueError(
             "fusedaccum: the state dict holds a half-finished weighted window (step(weight=...)); "

@@ -1,5 +1,7 @@
 """float32 copies of bf16/fp16 parameters (``master_weights=True``): the wrapped optimizer steps these.
 
+Every bf16/fp16 param the wrapped optimizer holds has one, trainable or frozen: freezing a param for a while
+(and a checkpoint taken meanwhile) neither rounds its copy nor its optimizer state to bf16.
 The copies live here, keyed by their parameter; the wrapped optimizer's state is keyed by the copies. They are
 shown to it in its param_groups while it steps (:meth:`MasterWeights.swapped_in`) and, through state-dict hooks,
 while its own ``state_dict()``/``load_state_dict()`` run, and written back to the params after each update.
@@ -39,14 +41,14 @@ class MasterWeights:
         copy = self._copies.get(id(param))
         return copy.master if copy is not None and copy.param is param else None
 
-    def check(self, groups: list[dict[str, Any]], trainable: list[tuple[int, torch.Tensor]]) -> None:
+    def check(self, groups: list[dict[str, Any]]) -> None:
         """Params whose memory overlaps cannot each get a master weight: writing the copies back would conflict (and
         be refused only after the optimizer had stepped them)."""
         if not self.enabled:
             return
         spans = []
-        for position, p in trainable:
-            if p.dtype != torch.float32 and p.numel():
+        for position, p in enumerate(p for g in groups for p in g["params"]):
+            if p.dtype in _LOW_PRECISION and p.numel():
                 start = p.data_ptr()
                 spans.append((start, start + p.numel() * p.element_size(), position))
         spans.sort()
@@ -58,18 +60,16 @@ class MasterWeights:
                     "written back after every update)"
                 )
 
-    def follow(self, params: list[torch.Tensor], state: dict[Any, Any]) -> None:
-        """Copies for exactly these (trainable) params: new low-precision ones get one, taking over any optimizer
-        state they already had; params that left lose theirs, and their state goes back to them."""
+    def follow(self, groups: list[dict[str, Any]], state: dict[Any, Any]) -> None:
+        """Copies for exactly the bf16/fp16 params of ``groups``: new ones get one, taking over any optimizer state
+        they already had; params that left the groups lose theirs, and their state goes back to them."""
         if not self.enabled:
             return
-        current = {id(p): p for p in params if p.dtype != torch.float32}
+        current = {id(p): p for g in groups for p in g["params"] if p.dtype in _LOW_PRECISION}
         for key, copy in list(self._copies.items()):
             if current.get(key) is not copy.param:
                 del self._copies[key]
-                if copy.master in state:
-                    # Back in the param's dtype, as Optimizer.load_state_dict gives it to a wrapper built afresh with
-                    # the param frozen (unfrozen, it moves to a new float32 copy again).
+                if copy.master in state:  # back in the param's dtype, as Optimizer.load_state_dict would give it
                     state[copy.param] = _cast_state(state.pop(copy.master), copy.param.dtype)
         for key, p in current.items():
             if key not in self._copies:
@@ -197,12 +197,13 @@ class MasterWeights:
         ]
 
     # ------------------------------------------------------------------------------------ state dicts
-    def saved(self, params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """The copies by the index of their param in ``params`` (the layout's order), as state dicts hold them."""
+    def saved(self, params: list[torch.Tensor], skip: set[int] | None = None) -> dict[int, torch.Tensor]:
+        """The copies by the index of their param in ``params``, as state dicts hold them: the layout's params, or
+        all params of the groups with ``skip`` (ids of the layout's) left out."""
         out = {}
         for i, p in enumerate(params):
             master = self.master_of(p)
-            if master is not None:
+            if master is not None and (skip is None or id(p) not in skip):
                 out[i] = master
         return out
 
@@ -219,6 +220,9 @@ class MasterWeights:
         state = self.__dict__.copy()
         state["_hook_handles"] = []  # the wrapped optimizer's copy has no hooks; the wrapper's copy adds them
         return state
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _cast_state(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

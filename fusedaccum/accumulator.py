@@ -464,7 +464,7 @@ class GradAccumulator(torch.optim.Optimizer):
         self._inner.load_state_dict(inner_state)  # with master_weights, its hooks show it the master weights
         self._reset_window()
         if saved is not None:
-            _checkpoint.load(saved, self._window, self._masters, self._weights)
+            _checkpoint.load(saved, self._window, self._masters, self._weights, self.param_groups)
         self._scaler.micro_step_counted()  # the scaler may have been reloaded too
         self._through_hooks(self._optimizer_load_state_dict_post_hooks)
 
@@ -486,9 +486,9 @@ class GradAccumulator(torch.optim.Optimizer):
             return
         self._window.refuse_reducing("the trainable parameters changed", undo=True)
         masters.check(groups, trainable)
-        self._weights.check(groups, trainable)
+        self._weights.check(groups)
         masters.rebuild(groups, trainable)
-        self._weights.follow([p for _, p in trainable], self._inner.state)
+        self._weights.follow(groups, self._inner.state)
         self._reduction.plan(masters, self._mode.in_backward)
         self._register_hooks()
 

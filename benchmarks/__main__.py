@@ -151,7 +151,7 @@ def print_summary(data: dict[str, Any]) -> None:
         print("\n== targets (read from this run, never asserted) ==")
         for t in data["targets"]:
             status = "n/a" if t["met"] is None else "MET" if t["met"] else "MISSED"
-            bound = "<=" if "launches" in t["unit"] else ">="
+            bound = t.get("bound") or ("<=" if "launches" in t["unit"] else ">=")
             print(f"  [{status:>6}] {t['target']}: {t['value']:.2f}{t['unit']} (target {bound} {t['threshold']}"
                   f"{t['unit']})")
 

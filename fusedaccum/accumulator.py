@@ -8,25 +8,15 @@ The loop stays the one written for a large batch::
         acc.step()            # adds the grads into fp32 masters; really steps on every 8th call
         acc.zero_grad()
 
-This class is the facade: it wires the parts, each of which owns one concern and its state, and orchestrates a
-micro-step, a window's end and the state dict. The parts never call each other; what one needs of another is
-handed to it here.
-
-* ``_config``: the constructor's options, checked once;
-* ``_master_grads``: the float32 master buffers, the layout, the validate-then-accumulate call;
-* ``_window``: the window's position, weights and phase, and the last window's results;
-* ``_master_weights``: float32 copies of bf16/fp16 params (``master_weights=True``);
-* ``_amp``: the GradScaler link;
-* ``_accumulation`` / ``_hooks``: the accumulation mode, chosen once: at ``step()`` (default) or during backward
-  (``accumulate_in_backward=True``);
-* ``distributed``: the reduction, chosen once (one process, the masters' all-reduce, FSDP2 shard agreement);
-* ``_checkpoint``: the state dict's own entry and its checks.
+This class is the facade: it wires the parts (_config, _master_grads, _window, _master_weights, _amp, the mode
+in _accumulation or _hooks, the reduction in distributed, _checkpoint; README "Layout"), each owning one concern
+and its state, and orchestrates a micro-step, a window's end and the state dict. The parts never call each other:
+what one needs of another is handed to it here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +29,7 @@ from ._config import DEFAULT_BUCKET_CAP_MB, Config
 from ._hooks import BackwardHooks, OpenWindowHooks, weak_callback
 from ._master_grads import MasterGradBuffer, MasterGrads, Params
 from ._master_weights import MasterWeights
+from ._optimizer_view import OPTIMIZER_HOOKS, OptimizerView
 from ._window import Window
 from .distributed import (
     AllReduceReduction,
@@ -50,66 +41,48 @@ from .distributed import (
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "GradAccumulator", "MasterGradBuffer"]
 
-# Optimizer's hook registries (OrderedDicts, as Optimizer.__init__ makes them: the handles register_*_hook returns
-# keep weak references to them).
-_OPTIMIZER_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-                    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                    "_optimizer_load_state_dict_post_hooks")
 # What a copy (pickle, deepcopy) of the wrapper carries over; everything else is rebuilt by __setstate__.
 _KEPT_ON_COPY = ("_inner", "_config", "_masters", "_weights", "_window", "_scaler", "_mode", "_reduction",
-                 "_opt_called", *_OPTIMIZER_HOOKS)
+                 "_opt_called", *OPTIMIZER_HOOKS)
 
 
-class GradAccumulator(torch.optim.Optimizer):
+class GradAccumulator(OptimizerView):
     """Turns ``accumulation_steps`` micro-batches into one exact large-batch update of ``optimizer``.
 
-    It is an Optimizer to the ecosystem: ``param_groups``, ``state`` and ``defaults`` *are* the wrapped
-    optimizer's (the same objects, so a learning-rate scheduler built on the wrapper drives the wrapped
-    optimizer), and ``add_param_group``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` behave as
-    usual. Call ``loss.backward(); acc.step(); acc.zero_grad()`` on every micro-batch.
+    An Optimizer to the ecosystem (its ``param_groups``, ``state``, ``defaults`` are the wrapped optimizer's). Call
+    ``loss.backward(); acc.step(); acc.zero_grad()`` on every micro-batch. The README says each option's semantics
+    and cost in full; docs/distributed.md the distributed ones.
 
     Args:
-        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` except LBFGS, whose step re-evaluates
-            the loss, and SparseAdam, which needs sparse gradients).
+        optimizer: the optimizer to wrap (not LBFGS, which re-evaluates the loss, nor SparseAdam).
         accumulation_steps: micro-batches per update (an int >= 1), or None: the window is everything between two
-            :meth:`step` calls (each backward a micro-step, counted when it ends), for loops and frameworks that
-            call ``step()`` once per window; see the README.
-        reduction: ``"mean"`` (default): the update uses the mean of the window's micro-batch gradients, or
-            the weighted mean ``sum(w_i g_i) / sum(w_i)`` when ``step(weight=w_i)`` is given. ``"sum"``: the
-            (weighted) sum.
-        master_weights: keep float32 copies of bf16/fp16 parameters; the wrapped optimizer steps those (its state
-            is float32) and one cast-copy per update writes them back. Without it, bf16/fp16 parameters receive
-            their float32 master gradient rounded once to their dtype at the update.
-        max_grad_norm: clip the window's gradient to this total 2-norm (``torch.nn.utils.clip_grad_norm_``
-            semantics) using the norm measured in the last micro-step's fused pass.
-        backend: the :mod:`fusedaccum.ops` backend (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``);
-            default: ``$FUSEDACCUM_BACKEND``, else the fastest for the parameters' device.
-        scaler: a ``torch.amp.GradScaler`` whose ``scale(loss)`` produced the gradients. The wrapper unscales
-            them in the fused pass with the scaler's device scale (no host sync), skips a window in which any
-            micro-step overflowed, and calls ``scaler.update()`` once per window itself. Do not call
-            ``scaler.step``, ``scaler.unscale_`` or ``scaler.update`` yourself.
-        process_group: ``None`` (default): single process. ``"default"`` or a ``ProcessGroup``: data-parallel
-            training; no collective on a window's non-final micro-steps, one bucketed all-reduce of the float32
-            masters at its end; the update is the mean over world size x window (or the global weighted mean),
-            every rank skips the same windows, the clipping norm is global. Every rank must call :meth:`step` and
-            :meth:`flush` equally often. See docs/distributed.md.
-        ddp_module: the ``DistributedDataParallel`` module around the model: its per-backward all-reduce is
-            switched off for good (the wrapper's per-window one replaces it), and its process group is used.
-        bucket_cap_mb: distributed: the masters are all-reduced in slices of at most this many MiB (default 25).
-        accumulate_in_backward: add each parameter's gradient into its master the moment autograd finishes it and
-            free its ``.grad`` right there: peak gradient memory is the 4 B/param masters instead of masters + the
-            model's gradients. One accumulate call per parameter per backward; ``step(weight=...)`` is refused.
-            Distributed, the reduction overlaps the last backward, as DDP's does.
-        fsdp_module: the module ``fully_shard`` was applied to (FSDP2): the wrapper accumulates each rank's float32
-            gradient shards and agrees with the other ranks on the skip and the norm (docs/distributed.md).
+            :meth:`step` calls (each backward counted as a micro-step), for loops and frameworks that step once
+            per window.
+        reduction: ``"mean"`` (default): the mean of the window's micro-batch gradients, or ``sum(w_i g_i) /
+            sum(w_i)`` with ``step(weight=w_i)``; ``"sum"``: the (weighted) sum.
+        master_weights: the wrapped optimizer steps float32 copies of bf16/fp16 params, written back after each
+            update. Without it, they get their float32 window gradient rounded once to their dtype.
+        max_grad_norm: clip the window's gradient to this 2-norm (``clip_grad_norm_`` semantics), fused norm.
+        backend: the :mod:`fusedaccum.ops` backend; default ``$FUSEDACCUM_BACKEND``, else the fastest.
+        scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` made the gradients: unscaled in the fused pass
+            (no host sync), a window with an overflow skipped, ``scaler.update()`` once per window by the wrapper.
+        process_group: ``"default"`` or a ``ProcessGroup``: data parallel; one bucketed all-reduce of the float32
+            masters per window, the global mean, skip and norm. Every rank calls :meth:`step` and :meth:`flush`
+            equally often.
+        ddp_module: the ``DistributedDataParallel`` around the model: its per-backward all-reduce is switched off
+            for good (the wrapper's per-window one replaces it); or :meth:`attach` it later.
+        bucket_cap_mb: distributed: all-reduce slices of at most this many MiB (default 25).
+        accumulate_in_backward: each grad goes into its master the moment autograd finishes it and is freed
+            (peak 4 B/param instead of masters + grads); distributed, the reduction overlaps the last backward.
+        fsdp_module: the ``fully_shard`` root (FSDP2): accumulate each rank's float32 shards; agree on skip/norm.
 
     Raises:
         TypeError / ValueError: bad arguments; nothing is created.
     """
 
     # GradScaler.step(opt) checks this and then hands the optimizer grad_scale/found_inf attributes instead of
-    # unscaling the grads in place; the wrapper uses that hook only to refuse the call with a clear message (the
-    # scaler must be updated once per window, which scaler.step + scaler.update per micro-batch cannot do).
+    # unscaling the grads in place: refused with a window of fixed length (the scale must change once per window),
+    # accepted once per open window (accumulation_steps=None), as frameworks drive it.
     _step_supports_amp_scaling = True
 
     def __init__(
@@ -134,12 +107,8 @@ class GradAccumulator(torch.optim.Optimizer):
             ddp_module=ddp_module, bucket_cap_mb=bucket_cap_mb, accumulate_in_backward=accumulate_in_backward,
             fsdp_module=fsdp_module, wrapper_type=GradAccumulator,
         )
-        # Not Optimizer.__init__: that would build a second set of param_groups. What it sets up for the base
-        # methods (hook registries, profiling names, the step wrapper) is set up here.
-        self._inner = optimizer
+        self._view(optimizer)
         self._config = config
-        for name in _OPTIMIZER_HOOKS:
-            setattr(self, name, OrderedDict())
         self._masters = MasterGrads(config.backend, config.fsdp)
         self._weights = MasterWeights(config.master_weights)
         self._window = Window(config.accumulation_steps, config.reduction, config.distributed)
@@ -164,39 +133,6 @@ class GradAccumulator(torch.optim.Optimizer):
         too, whose originals point at the original)."""
         self._patch_step_function()
         self._weights.hook_state_dicts(self._inner)
-
-    # ------------------------------------------------------------------------------------- Optimizer facade
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped optimizer."""
-        return self._inner
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The wrapped optimizer's ``param_groups`` (the same list)."""
-        return self._inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self._inner.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The wrapped optimizer's ``state`` (with ``master_weights=True`` keyed by the float32 master weights)."""
-        return self._inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self._inner.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's ``defaults``."""
-        return self._inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self._inner.defaults = value
 
     @property
     def accumulation_steps(self) -> int:
@@ -283,38 +219,30 @@ class GradAccumulator(torch.optim.Optimizer):
             del groups[count:]  # refused (e.g. float64 params): the wrapped optimizer must not keep the group
             raise
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``Optimizer.zero_grad``. :meth:`step` already consumes (sets to None) the grads it reads, so in the
-        documented loop this finds nothing to do; it stays so the large-batch loop needs no change."""
-        torch.optim.Optimizer.zero_grad(self, set_to_none)
-
     # ------------------------------------------------------------------------------------------------ step
     @torch.compiler.disable  # a graph break in a compiled train step: the window's state lives on the host
     def step(self, closure: Callable[[], Any] | None = None, *, weight: float | torch.Tensor | None = None) -> Any:
         """Accumulate this micro-batch's gradients; apply the update when the window is full.
 
-        Reads every parameter's ``.grad`` into its float32 master in one fused pass and sets ``.grad`` to None
-        (the gradient has moved into the master). On the window's last micro-step it checks for non-finite
-        gradients (one host sync), clips if asked, and steps the wrapped optimizer with the window's mean.
+        Reads every ``.grad`` into its float32 master in one fused pass and sets it to None. On the window's last
+        micro-step: the inf/NaN check (one host sync), clipping, and the wrapped optimizer's step on the window's
+        mean (or sum, or weighted mean).
 
         Args:
-            closure: optional; called (with grad enabled) before accumulating, it must run this micro-batch's
-                forward and backward and return its loss.
-            weight: this micro-batch's weight ``w_i`` (e.g. its token count): the window's gradient becomes
-                ``sum(w_i g_i) / sum(w_i)``. Give it on every micro-step of a window or on none. A number; a
-                tensor works but costs a host sync per micro-step.
+            closure: optional; called with grad enabled before accumulating: this micro-batch's forward and
+                backward, returning its loss.
+            weight: this micro-batch's weight ``w_i`` (e.g. its token count), on every micro-step of a window or
+                on none: the window's gradient is then ``sum(w_i g_i) / sum(w_i)``. A tensor costs a host sync.
 
         Returns:
-            The closure's loss if a closure was given; else what the wrapped optimizer's ``step()`` returned on an
-            update micro-step, and None otherwise.
+            The closure's loss if one was given; else the wrapped optimizer's ``step()`` result on an update, None
+            otherwise.
 
         Raises:
-            ValueError / TypeError: bad weight, sparse or non-float gradients, weights given on only some
-                micro-steps of a window; ``weight=`` with ``accumulate_in_backward=True``. RuntimeError: the update
-                is due but no parameter received a gradient in the whole window; ``scaler.step(acc)`` or
-                ``scaler.unscale_(acc)`` was used. After any of these nothing has changed (the grads are still in
-                ``.grad``; with ``accumulate_in_backward=True`` the hooks have already added them to the masters,
-                and the next successful ``step()`` counts them).
+            ValueError / TypeError: bad weight or closure, sparse or non-float gradients, mixed weighting, weights
+                where the mode refuses them; RuntimeError: no gradient in the whole window when the update is due,
+                a refused scaler call or setup. Nothing has changed then (with accumulate_in_backward the hooks
+                have already added the grads; the next successful ``step()`` counts them).
         """
         window, masters = self._window, self._masters
         by_scaler_step = self._scaler.called_by_scaler_step(self.__dict__, self._mode.open_window)
@@ -467,14 +395,6 @@ class GradAccumulator(torch.optim.Optimizer):
             _checkpoint.load(saved, self._window, self._masters, self._weights, self.param_groups)
         self._scaler.micro_step_counted()  # the scaler may have been reloaded too
         self._through_hooks(self._optimizer_load_state_dict_post_hooks)
-
-    def _through_hooks(self, registry: OrderedDict, *value: Any) -> Any:
-        """Optimizer's hook protocol: each hook gets (self, *value); one that returns something replaces value."""
-        for hook in registry.values():
-            result = hook(self, *value)
-            if value and result is not None:
-                value = (result,)
-        return value[0] if value else None
 
     # --------------------------------------------------------------------------------------------- layout
     def _sync_layout(self, trainable: Params | None = None, force: bool = False) -> None:

@@ -137,8 +137,9 @@ def check(
         _check_float32(refuse, f"master_weight_tensors[{i}]", tensor, master_weight_shapes[i])
     frozen = entry.get("frozen_master_weights", {})  # optional: absent from entries written before it existed
     group_params = _group_params(groups)
+    in_layout = {id(p) for p in params}
     frozen_shapes = {i: p.shape for i, p in enumerate(group_params)
-                     if weights.master_of(p) is not None and id(p) not in {id(q) for q in params}}
+                     if weights.master_of(p) is not None and id(p) not in in_layout}
     if not isinstance(frozen, dict) or not set(frozen) <= set(frozen_shapes):
         refuse(f"frozen_master_weights for params {sorted(frozen, key=str) if isinstance(frozen, dict) else frozen!r}"
                f", expected some of {sorted(frozen_shapes)}")

@@ -141,9 +141,8 @@ class MasterGrads:
         for device in {local_part(p).device for _, p in trainable}:
             backends.resolve(self.backend, device)  # a backend that cannot serve these tensors fails here, early
 
-    def rebuild(self, groups: list[dict[str, Any]], trainable: Params) -> list[Entry]:
-        """New buffers for ``trainable`` (checked), keeping each remaining param's partial sum and touched flag.
-        Returns the entries that left the layout."""
+    def rebuild(self, groups: list[dict[str, Any]], trainable: Params) -> None:
+        """New buffers for ``trainable`` (checked), keeping each remaining param's partial sum and touched flag."""
         # The masters are shaped like what this rank holds: the local shard of a DTensor, else the param.
         local = {id(p): local_part(p) for _, p in trainable}
         sizes: dict[GroupKey, int] = {}
@@ -165,8 +164,6 @@ class MasterGrads:
                 view.copy_(old.view)
             touched.append(old is not None and self.touched[old.index])
             entries.append(Entry(p, position, key, offset, view, len(entries)))
-        kept = {id(e.param) for e in entries}
-        dropped = [e for e in self.entries if id(e.param) not in kept]
         self.entries = entries
         self.by_param = {id(e.param): e for e in entries}
         self._walk = None
@@ -180,7 +177,6 @@ class MasterGrads:
                 self.found_inf[device] = torch.zeros(1, dtype=torch.float32, device=device)
                 self.sumsq[device] = torch.zeros(1, dtype=torch.float32, device=device)
         self._signature = _signature(groups, trainable)
-        return dropped
 
     def rekey(self, groups: list[dict[str, Any]]) -> None:
         """After a copy (deepcopy, pickle): the lookups are keyed by object identity, which a copy changes."""

@@ -12,6 +12,8 @@ CPU_VENV ?= .venv-cputorch
 OLDEST_TORCH_VERSION ?= 2.11.0
 OLDEST_VENV ?= .venv-oldest
 TOOLS = ninja pybind11 pytest hypothesis numpy matplotlib tqdm packaging setuptools wheel
+# The frameworks fusedaccum.integrations serves; the tests run each for real (the package does not need them).
+INTEGRATIONS = transformers accelerate lightning
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -22,7 +24,7 @@ all: test
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) $(TOOLS)
+	$(VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) $(TOOLS) $(INTEGRATIONS)
 	touch $@
 
 build: $(VENV)/.installed
@@ -65,7 +67,7 @@ check-cpu-torch:
 check-oldest-torch:
 	@test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==$(OLDEST_TORCH_VERSION) $(TOOLS)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==$(OLDEST_TORCH_VERSION) $(TOOLS) $(INTEGRATIONS)
 	$(call copy_tree,$(OLDEST_VENV))
 	cd $(OLDEST_VENV)/src && ../bin/python -m pip install --no-build-isolation --no-deps -v -e . > ../build.log 2>&1 \
 		|| { tail -40 ../build.log; exit 1; }

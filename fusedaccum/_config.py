@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from . import backends
-from .distributed import check_fsdp_module, resolve_process_group
+from .distributed import check_ddp_params_covered, check_fsdp_module, resolve_process_group
 
 # Default all-reduce bucket size, DDP's default: large enough that per-collective latency is amortised, small enough
 # that several buckets of a large model are in flight at once.
@@ -85,3 +86,12 @@ class Config:
             distributed=distributed, group=group,
             fsdp=fsdp_module is not None, bucket_elements=max(1, int(bucket_cap_mb * 2**20) // 4),
         )
+
+    def attached(self, ddp_module: Any, optimizer: torch.optim.Optimizer) -> Config:
+        """This config with a ``DistributedDataParallel`` module attached after construction
+        (``GradAccumulator.attach``), or an error naming why it cannot be."""
+        if self.distributed or self.fsdp:
+            raise RuntimeError("fusedaccum: attach(): this wrapper already reduces across processes")
+        distributed, group = resolve_process_group(None, ddp_module)
+        check_ddp_params_covered(ddp_module, optimizer)
+        return dataclasses.replace(self, distributed=distributed, group=group)

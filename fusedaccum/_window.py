@@ -160,6 +160,33 @@ class Window:
         self.skipped_windows += 1
         self.stepped = False
 
+    def judge(self, found: torch.Tensor, sumsq: torch.Tensor, max_grad_norm: float | None) -> tuple[
+            torch.Tensor, bool, torch.Tensor | None]:
+        """The end of a window's decision, with its one host sync: skip or step, and whether to clip.
+
+        ``found`` is the window's inf/NaN flag and ``sumsq`` its squared 2-norm (both on the device, all ranks'
+        agreed). Returns the flag with a non-finite norm counted (finite grads can still sum past float32's range;
+        GradScaler must see that too), whether to skip, and the clipping coefficient when it is below 1. Records
+        ``grad_norm`` (before clipping) for a window that steps.
+        """
+        norm = sumsq.sqrt()
+        found = torch.maximum(found, (~torch.isfinite(sumsq)).to(found.dtype))
+        coef = None
+        if max_grad_norm is not None:  # clip_grad_norm_'s arithmetic, on the device: min(max_norm / (norm + 1e-6), 1)
+            coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        host = (found if coef is None else torch.cat([found, coef])).tolist()
+        if host[0] != 0.0:
+            return found, True, None
+        self.grad_norm = norm.reshape(())
+        return found, False, coef if coef is not None and host[1] < 1.0 else None
+
+    @staticmethod
+    def no_grads_message(where: str) -> str:
+        return (
+            f"fusedaccum: the update is due ({where}) but no parameter received a gradient in the whole window; "
+            "call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was changed)"
+        )
+
     # ------------------------------------------------------------------------------------ state dicts
     def saved(self) -> dict[str, Any]:
         return {

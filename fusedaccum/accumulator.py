@@ -1,12 +1,5 @@
-"""GradAccumulator: wrap any ``torch.optim.Optimizer`` so that the large-batch loop does exact gradient accumulation.
-
-The loop stays the one written for a large batch::
-
-    acc = fusedaccum.GradAccumulator(torch.optim.AdamW(model.parameters()), accumulation_steps=8)
-    for x, y in loader:
-        loss_fn(model(x), y).backward()
-        acc.step()            # adds the grads into fp32 masters; really steps on every 8th call
-        acc.zero_grad()
+"""GradAccumulator: wrap any ``torch.optim.Optimizer`` so that the large-batch loop does exact gradient accumulation
+(``loss.backward(); acc.step(); acc.zero_grad()`` on every micro-batch; README "Gradient accumulation").
 
 This class is the facade: it wires the parts (_config, _master_grads, _window, _master_weights, _amp, the mode
 in _accumulation or _hooks, the reduction in distributed, _checkpoint; README "Layout"), each owning one concern
@@ -16,7 +9,6 @@ what one needs of another is handed to it here.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +28,6 @@ from .distributed import (
     LocalReduction,
     ShardAgreement,
     check_ddp_params_covered,
-    resolve_process_group,
 )
 
 __all__ = ["DEFAULT_BUCKET_CAP_MB", "GradAccumulator", "MasterGradBuffer"]
@@ -192,18 +183,15 @@ class GradAccumulator(OptimizerView):
         """Attach the ``DistributedDataParallel`` module after construction, as ``ddp_module=`` would have: for
         scripts that build the optimizer (and this wrapper) before wrapping the model in DDP. At a window boundary
         only (a partial window of local sums cannot join a global one)."""
-        if self._config.distributed or self._config.fsdp:
-            raise RuntimeError("fusedaccum: attach(): this wrapper already reduces across processes")
+        config = self._config.attached(ddp_module, self._inner)
         if self._window.micro_step or self._masters.any_touched():
             raise RuntimeError(
                 "fusedaccum: attach() in the middle of a window: call it before the first micro-step or right after "
                 "an update (nothing was changed)"
             )
-        distributed, group = resolve_process_group(None, ddp_module)
-        check_ddp_params_covered(ddp_module, self._inner)
-        self._config = dataclasses.replace(self._config, distributed=distributed, group=group)
+        self._config = config
         self._window.distributed = True
-        self._reduction = AllReduceReduction(group, self._config.bucket_elements, ddp_module)
+        self._reduction = AllReduceReduction(config.group, config.bucket_elements, ddp_module)
         self._reduction.plan(self._masters, self._mode.in_backward)
         self._reduction.take_over()
 
@@ -239,10 +227,8 @@ class GradAccumulator(OptimizerView):
             otherwise.
 
         Raises:
-            ValueError / TypeError: bad weight or closure, sparse or non-float gradients, mixed weighting, weights
-                where the mode refuses them; RuntimeError: no gradient in the whole window when the update is due,
-                a refused scaler call or setup. Nothing has changed then (with accumulate_in_backward the hooks
-                have already added the grads; the next successful ``step()`` counts them).
+            ValueError / TypeError: bad weight or closure, bad gradients; RuntimeError: no gradient in the whole
+                window when the update is due, a refused scaler call. Nothing has changed then (README).
         """
         window, masters = self._window, self._masters
         by_scaler_step = self._scaler.called_by_scaler_step(self.__dict__, self._mode.open_window)
@@ -264,7 +250,8 @@ class GradAccumulator(OptimizerView):
         # Distributed: whether any rank got a gradient is only known after the reduction (a local raise here would
         # leave the other ranks waiting in it); the reduction raises on every rank instead.
         if last and self._reduction.scales_locally and not grads and not masters.any_touched():
-            raise RuntimeError(_no_grads_message(f"micro-step {window.micro_step + 1} of {window.accumulation_steps}"))
+            where = f"micro-step {window.micro_step + 1} of {window.accumulation_steps}"
+            raise RuntimeError(window.no_grads_message(where))
         self._mode.micro_step(grads, w, ref, masters, window, self._scaler, self._reduction, self.param_groups,
                               weight is not None)
         result = self._finish_window(by_scaler_step) if last else None
@@ -293,7 +280,7 @@ class GradAccumulator(OptimizerView):
                 return False
             self._sync_layout()
             if not masters.any_touched():
-                raise RuntimeError(_no_grads_message(f"flush() after {window.micro_step} micro-steps"))
+                raise RuntimeError(window.no_grads_message(f"flush() after {window.micro_step} micro-steps"))
             masters.zero_sumsq()
             masters.scale_only_(masters.touched_entries(), window.post_scale())
         else:
@@ -317,22 +304,12 @@ class GradAccumulator(OptimizerView):
             if not self._reduction.reduce(masters, window, self._mode):
                 return None  # flush() with every rank's window empty
             found, sumsq = self._reduction.agree(masters, masters.found(), masters.norm_squared())
-            norm = sumsq.sqrt()
-            # Finite grads can still sum past float32's range in the masters: a non-finite norm skips the window
-            # too, read in the same host sync as the flag.
-            found = torch.maximum(found, (~torch.isfinite(sumsq)).to(found.dtype))
-            coef = None
-            if self._config.max_grad_norm is not None:
-                # clip_grad_norm_'s arithmetic, on the device: coef = min(max_norm / (norm + 1e-6), 1).
-                coef = torch.clamp(self._config.max_grad_norm / (norm + 1e-6), max=1.0)
-            # The one host sync per window: skip or step (and whether to clip) must be decided on the host.
-            host = (found if coef is None else torch.cat([found, coef])).tolist()
+            found, skip, coef = window.judge(found, sumsq, self._config.max_grad_norm)
             self._scaler.update(id(self), found, by_caller=by_scaler_step)
-            if host[0] != 0.0:
+            if skip:
                 window.skipped()
                 return None
-            window.grad_norm = norm.reshape(())
-            if coef is not None and host[1] < 1.0:
+            if coef is not None:
                 masters.scale_all_(coef)
             result = self._weights.step_optimizer(self._inner, masters.touched_entries())
             window.stepped = True
@@ -419,11 +396,4 @@ class GradAccumulator(OptimizerView):
         """accumulate_in_backward: autograd has finished ``param``'s grad for this backward."""
         self._mode.on_grad(param, self._masters, self._window, self._scaler, self._reduction, self._sync_layout,
                            self._reset_window)
-
-
-def _no_grads_message(where: str) -> str:
-    return (
-        f"fusedaccum: the update is due ({where}) but no parameter received a gradient in the whole window; "
-        "call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was changed)"
-    )
 

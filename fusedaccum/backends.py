@@ -62,7 +62,9 @@ def triton_kernels() -> tuple[ModuleType | None, str | None]:
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether triton imported here runs its kernels under the interpreter (``TRITON_INTERPRET=1`` at its import)."""
+    module, _ = triton_kernels()
+    return module is not None and module.INTERPRETED
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:

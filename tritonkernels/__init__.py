@@ -27,7 +27,10 @@ def _backport_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patch_tensor_and_index
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+# Read once, here, when triton itself reads it (at its import): whether its kernels run under the interpreter, on
+# CPU tensors. fusedaccum.backends asks this module rather than the environment, which may have changed since.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRETED:
     _backport_interpreter_index()
 
-__all__ = ["CHUNK", "accumulate_triton"]
+__all__ = ["CHUNK", "INTERPRETED", "accumulate_triton"]

@@ -250,6 +250,42 @@ def test_fp16_through_accelerates_grad_scaler(clip: bool, tmp_path: Path) -> Non
     assert torch.equal(params(fused), params(native))
 
 
+def poison_call(which: int) -> Any:
+    """A tensor hook that makes the gradient of its ``which``-th call (1-based) NaN."""
+    calls = []
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(None)
+        return grad * float("nan") if len(calls) == which else grad
+
+    return poison
+
+
+def test_a_window_with_a_nan_gradient_is_skipped(tmp_path: Path) -> None:
+    """float32, no GradScaler: one micro-batch of the second window gets a NaN gradient (a tensor hook on one
+    weight). Natively Trainer applies that window and AdamW turns the parameters into NaN. FusedAccumTrainer skips
+    the whole window: the parameters, AdamW's step count and the LR schedule stay as they were (Trainer is told
+    the step was skipped, as with a GradScaler overflow), global_step still counts it, the logged norm is NaN, and
+    training goes on. Up to that window both runs agree."""
+    runs = {}
+    for name, cls in (("native", Trainer), ("fused", FusedAccumTrainer)):
+        trainer = make(cls, tmp_path / name, data_seed=14, num_train_epochs=1)
+        trainer.model.model.layers[0].mlp.down_proj.weight.register_hook(poison_call(N + 2))  # 2nd of the 2nd window
+        trainer.train()
+        runs[name] = trainer
+    native, fused = runs["native"], runs["fused"]
+    torch.testing.assert_close(snapshots(fused)[0], snapshots(native)[0], atol=PARAM_ATOL, rtol=0.0)
+    assert torch.isnan(snapshots(native)[1]).any()  # natively: the NaN window is applied
+    assert torch.equal(snapshots(fused)[1], snapshots(fused)[0])  # skipped: nothing moved
+    assert native.state.global_step == fused.state.global_step == UPDATES_PER_EPOCH
+    assert fused.accumulator.skipped_windows == 1
+    assert adam_steps(fused) == fused.lr_scheduler.last_epoch == UPDATES_PER_EPOCH - 1
+    assert native.lr_scheduler.last_epoch == UPDATES_PER_EPOCH
+    norms = logged(fused, "grad_norm")
+    assert math.isnan(norms[1]) and all(math.isfinite(n) for i, n in enumerate(norms) if i != 1)
+    assert torch.isfinite(params(fused)).all() and not torch.equal(snapshots(fused)[-1], snapshots(fused)[1])
+
+
 def test_resume_from_checkpoint(tmp_path: Path) -> None:
     """Trainer saves after updates, so at window boundaries: the wrapper's entry in optimizer.pt then holds no
     master gradients (the file is about as large as native's), and resuming from it (Trainer loads it with

@@ -136,7 +136,7 @@ class FusedAccumTrainer(FusedAccumMixin, Trainer):
 
 class _AfterOptimizerStep(TrainerCallback):
     """Right after Trainer's ``optimizer.step()``: the logged norm becomes the window's, and a window the wrapper
-    skipped counts as skipped for Trainer's LR scheduler."""
+    skipped (an inf/nan gradient, with or without GradScaler) counts as skipped for Trainer's LR scheduler."""
 
     def __init__(self, trainer: FusedAccumMixin) -> None:
         self._trainer = weakref.ref(trainer)  # the trainer holds this callback: no cycle
@@ -148,11 +148,10 @@ class _AfterOptimizerStep(TrainerCallback):
             return
         slot = trainer._fusedaccum_norm
         if slot is not None:
-            # A skipped window (inf/nan gradients) has no norm of use; natively Trainer logs the non-finite norm.
+            # A skipped window (an inf/nan gradient) keeps the slot's NaN: natively Trainer logs the norm of that
+            # non-finite gradient (NaN or inf).
             if acc.stepped and acc.grad_norm is not None:
                 slot.copy_(acc.grad_norm)
-            else:
-                slot.fill_(float("inf"))
             trainer._fusedaccum_norm = None
         # accelerate's AcceleratedOptimizer reports a skipped step only when GradScaler.step did not call step()
         # (GradScaler calls the wrapper's step() every window: the wrapper decides to skip); Trainer steps the LR

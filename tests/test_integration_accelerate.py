@@ -247,7 +247,7 @@ def test_refusals() -> None:
     with pytest.raises(TypeError, match="already prepared"):
         prepare(accelerator, accelerator.prepare(torch.optim.SGD(model.parameters(), lr=LR)))
 
-    model, optimizer = prepare(accelerator, model, inner)
+    model, optimizer = prepare(accelerator, model, inner, device_placement=[True, False])
     other = torch.nn.Linear(3, 2)
     F.cross_entropy(model(_tokens(1, seed=5)[:, :-1]).reshape(-1, V), _tokens(1, seed=6)[:, 1:].reshape(-1)).backward()
     other(torch.randn(4, 3)).square().sum().backward()

@@ -156,11 +156,18 @@ class _AfterOptimizerStep(TrainerCallback):
         # accelerate's AcceleratedOptimizer reports a skipped step only when GradScaler.step did not call step()
         # (GradScaler calls the wrapper's step() every window: the wrapper decides to skip); Trainer steps the LR
         # scheduler unless accelerator.optimizer_step_was_skipped. The wrapper knows: tell it.
-        optimizer = trainer.optimizer
+        optimizer, told = trainer.optimizer, False
         while optimizer is not None and optimizer is not acc:
             if hasattr(optimizer, "_is_overflow"):
                 optimizer._is_overflow = not acc.stepped
+                told = True
             optimizer = getattr(optimizer, "optimizer", None)
+        if not told and not acc.stepped and trainer.optimizer is not acc:
+            raise RuntimeError(
+                "fusedaccum: the GradAccumulator skipped this window, but the optimizer Trainer steps has no "
+                "AcceleratedOptimizer._is_overflow to say so (this accelerate does not match the integration): "
+                "Trainer would step the LR scheduler for a window that changed nothing"
+            )
 
 
 def _unwrapped(optimizer: Any) -> Any:

@@ -442,3 +442,31 @@ def test_pytorch_lightning_package(tmp_path: Path) -> None:
              accumulate_grad_batches=N, gradient_clip_val=0.05)
     assert t.global_step == 2 * math.ceil(BATCHES / N) and wrapped.updates == native.updates == t.global_step
     _assert_close(_params(wrapped), _params(native))
+
+
+class SkipsNet(_net_class(pl)):
+    """training_step returns None (Lightning: skip this batch) on the last batch of the first window of each epoch."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return None if batch_idx == N - 1 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_window_whose_last_batch_is_skipped(precision: str, tmp_path: Path) -> None:
+    """A training_step that returns None on a window's last batch: natively, fp32 still steps on the window's other
+    batches, while 16-mixed skips the step (no unscale, no scaler.step) and the next window's zero_grad drops them.
+    The callback does the same in both (16-mixed: dropping the window's fp32 sums, with a warning): the same
+    updates and parameters as native."""
+    loader = _data(seed=19)
+    native, wrapped = SkipsNet(), SkipsNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(native, loader, tmp_path / "n", [], accumulate_grad_batches=N, **_precision(precision))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(wrapped, loader, tmp_path / "w", [FusedAccumulation(exact_last_window=False)],
+             accumulate_grad_batches=N, **_precision(precision))
+    dropped = [w for w in caught if "ended without an optimizer step" in str(w.message)]
+    assert len(dropped) == (2 if precision == "16-mixed" else 0)  # once per epoch
+    assert wrapped.updates == native.updates
+    _assert_close(_params(wrapped), _params(native))

@@ -15,6 +15,10 @@ and runs at the three moments the integration needs: after the optimizer is buil
 optimizer state is restored (``on_fit_start``), between the window's last backward and the update
 (``on_before_optimizer_step``), and at the end of fit (``teardown``). Works with ``lightning.pytorch`` and with
 ``pytorch_lightning`` (the Trainer only calls a callback's hooks).
+
+Two wrapper calls it needs have no public form yet, so it makes them on the wrapper's internals (the same package):
+removing the parameter hooks at the end of fit (``acc._mode.register([], ...)``; a public ``remove_hooks()``
+would do) and dropping a window Lightning abandoned (``acc._reset_window()``; a public ``discard_window()``).
 """
 
 from __future__ import annotations
@@ -201,6 +205,21 @@ class FusedAccumulation(Callback):
         self._batch_idx = batch_idx  # the position in the epoch: Lightning's windows start at multiples of N
         self._stepping = False
 
+    def on_before_zero_grad(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """A window starts. If the last one still holds gradients, Lightning never stepped it (16-mixed skips
+        scaler.step when the window's last training_step returned None) and its zero_grad now drops them natively:
+        drop them too, rather than let them leak into this window's update."""
+        acc = self._acc
+        if acc is None or acc.micro_step == 0:
+            return
+        warnings.warn(
+            f"fusedaccum: a window of {acc.micro_step} backward(s) ended without an optimizer step (its last "
+            "training_step returned None under a GradScaler, so Lightning skipped the step); its gradients are "
+            "dropped, as Lightning's zero_grad drops them natively",
+            stacklevel=2,
+        )
+        acc._reset_window()  # no public call for it yet: see the module docstring
+
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """The window's last backward is done and counted, its update comes next: a short last window gets
         ``N / k`` (its batches' losses were divided by N, their mean needs k)."""
@@ -238,7 +257,7 @@ class FusedAccumulation(Callback):
             return
         self._acc = None
         trainer.gradient_clip_val = self._saved_clip_val
-        # Removes the wrapper's parameter hooks (no public call for it yet: see the module's report / docs).
+        # Removes the wrapper's parameter hooks (no public call for it yet: see the module docstring).
         acc._mode.register([], acc._hook_callback)
         strategy = trainer.strategy
         if any(getattr(o, "_optimizer", o) is acc for o in strategy.optimizers):

@@ -50,7 +50,7 @@ def assemble(window: Window, masters: MasterGrads, weights: MasterWeights, group
         "layout": masters.describe(groups),
         "touched": list(masters.touched),
         # At a window boundary the masters hold nothing of use (a window's first grad overwrites them): not saved.
-        "master_grads": list(masters.buffers.values()) if window.micro_step else [],
+        "master_grads": [b.buffer for b in masters.buffer_list()] if window.micro_step else [],
         "master_weight_tensors": weights.saved([e.param for e in masters.entries]),
         # Optional (absent before it existed): the copies of frozen params, by position in the flattened groups.
         "frozen_master_weights": weights.saved(_group_params(groups), skip={id(e.param) for e in masters.entries}),

@@ -77,6 +77,8 @@ class _Walk(NamedTuple):
 class MasterGrads:
     """The master-gradient buffers of one wrapper and the layout that maps params into them."""
 
+    released = False  # the buffers' memory is freed (release()); every method that touches it calls _materialize()
+
     def __init__(self, backend: str | None, fsdp: bool) -> None:
         self.backend = backend
         self._fsdp = fsdp
@@ -160,7 +162,7 @@ class MasterGrads:
             offsets[key] = offset + shard.numel()
             view = buffers[key][offset : offset + shard.numel()].view(shard.shape)
             old = self.entry_of(p)
-            if old is not None:
+            if old is not None and not self.released:  # released: at a window boundary, nothing to keep
                 view.copy_(old.view)
             touched.append(old is not None and self.touched[old.index])
             entries.append(Entry(p, position, key, offset, view, len(entries)))
@@ -168,6 +170,7 @@ class MasterGrads:
         self.by_param = {id(e.param): e for e in entries}
         self._walk = None
         self.buffers = buffers
+        self.released = False
         self.touched = touched
         shard_groups = [g for g in (fsdp_mesh_group(p, self._fsdp) for _, p in trainable) if g is not None]
         if shard_groups:
@@ -195,7 +198,22 @@ class MasterGrads:
             "buffers": [[str(key[1]), buffer.numel()] for key, buffer in self.buffers.items()],
         }
 
+    def release(self) -> None:
+        """Free the buffers' memory (4 B per param) at a window boundary. The views and any bucket plan over them
+        stay valid: they share the buffers' storages, which the next write re-allocates (FSDP2 frees its unsharded
+        params the same way). No zeroing then: a param's first grad of a window overwrites its master."""
+        for buffer in self.buffers.values():
+            buffer.untyped_storage().resize_(0)
+        self.released = True
+
+    def _materialize(self) -> None:
+        if self.released:
+            for buffer in self.buffers.values():
+                buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
+            self.released = False
+
     def buffer_list(self) -> list[MasterGradBuffer]:
+        self._materialize()
         out = []
         for key, buffer in self.buffers.items():
             entries = [e for e in self.entries if e.key == key]
@@ -261,6 +279,7 @@ class MasterGrads:
         no zeroing pass, no stale values from the previous window), flagging non-finite grads, and adding the
         squares of the new masters to sumsq when asked. Refuses (changing nothing) before anything is written."""
         calls = self._calls(grads)
+        self._materialize()
         with self._naming_shared_grads(groups, grads):
             # A lone call validates all its tensors before writing any (fusedaccum.ops); with several calls a
             # failure in a later one would leave a half-done micro-step, so they are all checked together first.
@@ -335,6 +354,7 @@ class MasterGrads:
         post_scale: float = 1.0, with_sumsq: bool = False, into: torch.Tensor | None = None,
     ) -> None:
         """One param's grad into its master (or into ``into``), as accumulate_in_backward's hooks add them."""
+        self._materialize()
         device = entry.key[0]
         if isinstance(scale, torch.Tensor):
             scale = scale.to(device, non_blocking=True)
@@ -351,6 +371,7 @@ class MasterGrads:
         ``accumulate_`` needs a grad list, so it gets zeros from one reusable bf16 scratch buffer (bounded size,
         several calls if needed).
         """
+        self._materialize()
         by_device: dict[torch.device, list[Entry]] = {}
         for e in entries:
             by_device.setdefault(e.key[0], []).append(e)
@@ -389,6 +410,7 @@ class MasterGrads:
     def zero_untouched(self) -> None:
         """Regions of params without a grad this window may hold an earlier window's values (a first grad
         overwrites rather than adds); a distributed sum must not see them."""
+        self._materialize()
         for e, touched in zip(self.entries, self.touched):
             if not touched:
                 e.view.zero_()
@@ -416,10 +438,12 @@ class MasterGrads:
     def scale_all_(self, coef: torch.Tensor) -> None:
         # One op per buffer; regions of params without a grad this window are never read, so scaling them too is
         # harmless.
+        self._materialize()
         for key, buffer in self.buffers.items():
             buffer.mul_(coef.to(key[0], non_blocking=True))
 
     def load(self, buffers: list[torch.Tensor], touched: list[bool]) -> None:
+        self._materialize()
         for buffer, saved in zip(self.buffers.values(), buffers):
             buffer.copy_(saved)
         self.touched = list(touched)

@@ -151,12 +151,20 @@ class GradAccumulator(OptimizerView):
         return self._window.skipped_windows
 
     def master_grad_buffers(self) -> list[MasterGradBuffer]:
-        """The flat float32 master-gradient buffers, one per (device, param dtype), parameters in order.
-
-        Between updates they hold the window's partial sums; only the regions of parameters that received a
-        gradient in the current window are meaningful.
-        """
+        """The flat float32 master-gradient buffers, one per (device, param dtype), parameters in order; only the
+        regions of parameters that received a gradient in the current window are meaningful."""
         return self._masters.buffer_list()
+
+    def release_masters(self) -> None:
+        """Free the float32 master gradients' memory (4 B per trainable param) at a window boundary, e.g. for eval,
+        or after every update (``if acc.stepped: acc.release_masters()``); the next micro-step re-allocates them."""
+        self._refuse_mid_window("release_masters()", "its partial sums would be lost")
+        self._masters.release()
+
+    def _refuse_mid_window(self, call: str, why: str) -> None:
+        if self._window.micro_step or self._masters.any_touched():
+            raise RuntimeError(f"fusedaccum: {call} in the middle of a window: {why}; call it before the first "
+                               "micro-step or right after an update (nothing was changed)")
 
     def __getstate__(self) -> dict[str, Any]:
         # What is listed (copy.deepcopy / pickle of the model and the wrapper together keeps a half-finished
@@ -172,23 +180,15 @@ class GradAccumulator(OptimizerView):
         self._register_hooks()
 
     def __repr__(self) -> str:
-        c = self._config
-        return (
-            f"GradAccumulator({self._inner!r}, accumulation_steps={c.accumulation_steps}, "
-            f"reduction={c.reduction!r}, master_weights={c.master_weights}, max_grad_norm={c.max_grad_norm}, "
-            f"backend={c.backend!r}, distributed={c.distributed}, accumulate_in_backward={c.accumulate_in_backward})"
-        )
+        shown = ("accumulation_steps", "reduction", "master_weights", "max_grad_norm", "backend", "distributed",
+                 "accumulate_in_backward")
+        return f"GradAccumulator({self._inner!r}, {', '.join(f'{k}={getattr(self._config, k)!r}' for k in shown)})"
 
     def attach(self, *, ddp_module: torch.nn.Module) -> None:
         """Attach the ``DistributedDataParallel`` module after construction, as ``ddp_module=`` would have: for
-        scripts that build the optimizer (and this wrapper) before wrapping the model in DDP. At a window boundary
-        only (a partial window of local sums cannot join a global one)."""
+        scripts that build the optimizer (and this wrapper) before wrapping the model in DDP. At a window boundary."""
         config = self._config.attached(ddp_module, self._inner)
-        if self._window.micro_step or self._masters.any_touched():
-            raise RuntimeError(
-                "fusedaccum: attach() in the middle of a window: call it before the first micro-step or right after "
-                "an update (nothing was changed)"
-            )
+        self._refuse_mid_window("attach()", "a partial window of local sums cannot join a global one")
         self._config = config
         self._window.distributed = True
         self._reduction = AllReduceReduction(config.group, config.bucket_elements, ddp_module)

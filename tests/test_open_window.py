@@ -174,3 +174,30 @@ def test_mid_window_checkpoint_resumes_bit_identically():
     assert resumed.micro_step == 2
     run(resumed_model, resumed, range(5, 7))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_release_masters_between_windows_and_for_eval_changes_nothing():
+    """README: ``acc.release_masters()`` at a window boundary frees the masters (their storage is 0 bytes until
+    the next backward); the run is bit-identical to one that keeps them, with an eval forward between windows.
+    Mid-window (after a backward, before step()) it is refused and changes nothing."""
+    runs = []
+    for release in (False, True):
+        model = make_model(seed=3)
+        acc = GradAccumulator(torch.optim.AdamW(model.parameters(), lr=0.05), None, reduction="sum")
+        data = batches(9, seed=4)
+        for start, length in ((0, 3), (3, 4), (7, 2)):
+            for x, y in data[start:start + length]:
+                (F.mse_loss(model(x), y) / length).backward()
+            if release:
+                with pytest.raises(RuntimeError, match="release_masters.*middle of a window"):
+                    acc.release_masters()
+            acc.step()
+            acc.zero_grad()
+            if release:
+                acc.release_masters()
+                assert all(b.untyped_storage().nbytes() == 0 for b in acc._masters.buffers.values())
+            with torch.no_grad():
+                model(data[0][0])  # eval between windows
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for kept, released in zip(*runs):
+        assert torch.equal(kept, released)

@@ -742,6 +742,26 @@ class AccumulatorMachine(RuleBasedStateMachine):
         self._indefinite_sync()
         self._compare_twins(state=False)
 
+    @precondition(lambda self: self.ready)
+    @rule()
+    def release_masters(self):
+        """README: ``acc.release_masters()`` frees the masters at a window boundary (R only: its twin keeps them,
+        and must stay bit-identical); mid-window it is refused and changes nothing."""
+        R = self.R
+        before = (R.params_bits(), self._fp(R), R.acc.micro_step)
+        if self.F.n > 0:
+            with pytest.raises(RuntimeError, match="release_masters"):
+                R.acc.release_masters()
+            assert (R.params_bits(), self._fp(R), R.acc.micro_step) == before, "a refused release changed state"
+            sums = [b.buffer.untyped_storage().nbytes() for b in R.acc.master_grad_buffers()]
+            assert all(n > 0 for n in sums), "a refused release freed a master buffer"
+        else:
+            R.acc.release_masters()
+            freed = [b.untyped_storage().nbytes() for b in R.acc._masters.buffers.values()]
+            assert freed == [0] * len(freed), f"release_masters() left {freed} bytes"
+            assert (R.params_bits(), self._fp(R), R.acc.micro_step) == before
+        self._compare_twins(state=False)
+
     # ---------------------------------------------------------------------------------------- checks
     def _compare_twins(self, state: bool) -> None:
         R, T = self.R, self.T

@@ -470,3 +470,20 @@ def test_window_whose_last_batch_is_skipped(precision: str, tmp_path: Path) -> N
     assert len(dropped) == (2 if precision == "16-mixed" else 0)  # once per epoch
     assert wrapped.updates == native.updates
     _assert_close(_params(wrapped), _params(native))
+
+
+class ReplaceOptimizer(pl.Callback):
+    """Puts the wrapped optimizer back in the trainer's hands after FusedAccumulation wrapped it."""
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        trainer.strategy.optimizers = [trainer.optimizers[0].optimizer]
+
+
+def test_optimizer_replaced_after_fit_start_is_refused(tmp_path: Path) -> None:
+    """An optimizer swapped in behind the callback would step on p.grad, which the hooks keep empty: the first update
+    raises instead of applying nothing."""
+    module = Net()
+    before = _params(module)
+    with pytest.raises(RuntimeError, match="something replaced trainer.strategy.optimizers"):
+        _fit(module, _data(seed=20), tmp_path, [FusedAccumulation(), ReplaceOptimizer()], accumulate_grad_batches=N)
+    assert module.updates == 0 and all(torch.equal(v, _params(module)[k]) for k, v in before.items())

@@ -163,7 +163,7 @@ class FusedAccumulation(Callback):
                 f"('16-mixed', 'bf16-mixed') and HalfPrecision ('16-true', 'bf16-true') plugins, got "
                 f"{type(plugin).__name__}, which drives the optimizer step or the gradients itself"
             )
-        optimizers = [getattr(o, "_optimizer", o) if _is_lightning_optimizer(o) else o for o in strategy.optimizers]
+        optimizers = [_unwrapped(o) for o in strategy.optimizers]
         if len(optimizers) != 1 or not any(group["params"] for group in optimizers[0].param_groups):
             raise RuntimeError(
                 "fusedaccum: FusedAccumulation needs configure_optimizers to return one optimizer with parameters, "
@@ -226,6 +226,14 @@ class FusedAccumulation(Callback):
         acc = self._acc
         if acc is None:
             return
+        if _unwrapped(optimizer) is not acc:
+            # Something replaced the trainer's optimizer after on_fit_start: the update would use p.grad, which the
+            # wrapper's hooks keep empty (every window's gradient lost, silently).
+            raise RuntimeError(
+                f"fusedaccum: the trainer steps {type(optimizer).__name__}, not the GradAccumulator FusedAccumulation "
+                "set at fit start (something replaced trainer.strategy.optimizers since); the gradients are in the "
+                "wrapper's masters, so that step would see none"
+            )
         self._stepping = True
         n = trainer.accumulate_grad_batches
         k = self._batch_idx % n + 1
@@ -260,7 +268,7 @@ class FusedAccumulation(Callback):
         # Removes the wrapper's parameter hooks (no public call for it yet: see the module docstring).
         acc._mode.register([], acc._hook_callback)
         strategy = trainer.strategy
-        if any(getattr(o, "_optimizer", o) is acc for o in strategy.optimizers):
+        if any(_unwrapped(o) is acc for o in strategy.optimizers):
             strategy.optimizers = [acc.optimizer]
 
 
@@ -273,6 +281,8 @@ def _overrides(pl_module: Any, hook: str) -> bool:
     return False
 
 
-def _is_lightning_optimizer(optimizer: Any) -> bool:
-    """A ``LightningOptimizer`` (returned as is from configure_optimizers): it subclasses the optimizer's class."""
-    return any(cls.__name__ == "LightningOptimizer" for cls in type(optimizer).__mro__)
+def _unwrapped(optimizer: Any) -> Any:
+    """The optimizer inside a ``LightningOptimizer`` (which subclasses the optimizer's class), else ``optimizer``."""
+    if any(cls.__name__ == "LightningOptimizer" for cls in type(optimizer).__mro__):
+        return optimizer._optimizer
+    return optimizer

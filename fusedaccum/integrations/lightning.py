@@ -64,9 +64,9 @@ class FusedAccumulation(Callback):
 
     Args:
         exact_last_window: divide the short last window of an epoch (fewer batches than ``accumulate_grad_batches``)
-            by its true number of batches, as a large batch of those batches would be. False keeps Lightning's own
-            arithmetic (every batch's loss divided by ``accumulate_grad_batches``: the short window's update is
-            that much too small), e.g. to reproduce a native run.
+            by its true number of batches k, as a large batch of those batches would be. False keeps Lightning's
+            own arithmetic (every batch's loss divided by ``accumulate_grad_batches`` N: the short window's gradient
+            is k/N of their mean), e.g. to reproduce a native run.
         log_grad_norm: a metric name (e.g. ``"grad_norm"``) under which each applied window's 2-norm before
             clipping is logged with ``pl_module.log`` (Lightning cannot compute it: ``p.grad`` is None); None: no
             logging. The norm is on the device; logging reads it when the logger writes.
@@ -81,6 +81,7 @@ class FusedAccumulation(Callback):
             ``accumulate_grad_batches > 1`` the gradients would be accumulated twice); the LightningModule overrides
             ``configure_gradient_clipping`` (it would clip ``p.grad``, which is None).
         ValueError: ``gradient_clip_algorithm="value"`` with a ``gradient_clip_val`` (the wrapper clips by norm).
+        RuntimeError at the first update: the trainer's optimizer was replaced after ``on_fit_start``.
     """
 
     def __init__(

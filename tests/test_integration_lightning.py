@@ -348,7 +348,7 @@ class KeepAccumulator(pl.Callback):
 def test_after_fit_the_trainer_and_the_gradients_are_the_users_again(tmp_path: Path) -> None:
     """At the end of fit the trainer holds the optimizer configure_optimizers built (the one its scheduler drives),
     its gradient_clip_val is back, and a backward leaves its gradients in p.grad: the wrapper's hooks are removed,
-    even while something still holds the wrapper."""
+    and its masters freed, even while something still holds the wrapper."""
     module, callback = Net(), FusedAccumulation()
     keeper = KeepAccumulator(callback)
     trainer = _fit(module, _data(seed=14), tmp_path, [callback, keeper], accumulate_grad_batches=N,
@@ -358,6 +358,7 @@ def test_after_fit_the_trainer_and_the_gradients_are_the_users_again(tmp_path: P
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
     assert trainer.gradient_clip_val == 1.0 and callback.accumulator is None
     assert isinstance(keeper.kept, fusedaccum.GradAccumulator) and keeper.kept.optimizer is optimizer
+    assert keeper.kept._masters.released  # masters freed (no public view: master_grad_buffers() re-allocates them)
     module.zero_grad(set_to_none=True)
     module.net(torch.randn(2, 16)).sum().backward()
     assert all(p.grad is not None for p in module.parameters())

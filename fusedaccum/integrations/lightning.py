@@ -260,7 +260,7 @@ class FusedAccumulation(Callback):
 
     def _release(self, trainer: Any) -> None:
         """The trainer gets its own optimizer and clipping setting back, and the wrapper stops taking the model's
-        gradients: after fit, a backward leaves its gradients in p.grad again."""
+        gradients (after fit, a backward leaves its gradients in p.grad again) and frees its masters."""
         acc = self._acc
         if acc is None:
             return
@@ -268,6 +268,8 @@ class FusedAccumulation(Callback):
         trainer.gradient_clip_val = self._saved_clip_val
         # Removes the wrapper's parameter hooks (no public call for it yet: see the module docstring).
         acc._mode.register([], acc._hook_callback)
+        if acc.micro_step == 0:  # fit ends on an update: the masters hold nothing of use (4 B/param) for whoever
+            acc.release_masters()  # still holds the wrapper (a mid-window end keeps its partial sums)
         strategy = trainer.strategy
         if any(_unwrapped(o) is acc for o in strategy.optimizers):
             strategy.optimizers = [acc.optimizer]

@@ -17,6 +17,8 @@ import torch
 
 from fusedaccum import ops, reference
 
+CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation
+
 CHUNK = 65536
 UNIT_ROUNDOFF = 2.0**-24
 
@@ -228,14 +230,26 @@ def test_opcheck_on_emulated_kernel(emulation):
 
 @pytest.mark.parametrize("driver_version,max_tensors,max_blocks", [(13000, 320, 4096), (12000, 64, 256)])
 def test_workspace_sizing_for_tensors_past_2_31_elements(emulation, driver_version, max_tensors, max_blocks):
-    """The launcher's plan for tensors far larger than memory here (sizing only: no launch, nothing touched):
-    2^33 + 5 elements is 131,073 chunks, element offsets past 2^31, split over many tables."""
+    """The launcher's plan for tensors far larger than memory here (sizing only: the scratch request is refused,
+    so nothing is launched or touched): 2^33 + 5 elements is 131,073 chunks, element offsets past 2^31, split over
+    many tables. The launcher plans once and asks for its scratch once, before any launch."""
     kernel = emulation.kernel()
     kernel.configure(driver_version=driver_version)
     sizes = [2**33 + 5, 0, 70000, 2**31 + 1]
     pairs = (emulation.TensorPair * len(sizes))(
         *[emulation.TensorPair(0x10000 * (i + 1), 0x20000 * (i + 1), n, 1) for i, n in enumerate(sizes)])
     launches, blocks = expected_packing(sizes, max_tensors, max_blocks)
-    assert kernel.lib.fa_workspace_bytes(pairs, len(sizes), 1) == 4 * blocks + 4 * launches
-    assert kernel.lib.fa_workspace_bytes(pairs, len(sizes), 0) == 0
+    requests = []
+
+    def refuse(nbytes, _context):
+        requests.append(nbytes)
+        return None  # out of memory: the launcher must stop before launching anything
+
+    sumsq_address = 0x30000  # never dereferenced: the launch stops at the refused scratch
+    options = emulation.AccumulateOptions(1.0, None, 1.0, None, False, False, None, sumsq_address)
+    kernel.reset_stats()
+    status = kernel.lib.fa_launch(pairs, len(sizes), ctypes.byref(options), emulation.ALLOCATE(refuse), None)
+    assert status == CUDA_ERROR_MEMORY_ALLOCATION
+    assert requests == [4 * blocks + 4 * launches]
+    assert kernel.stats()["launches"] == 0 and kernel.stats()["memsets"] == 0
     assert blocks == 131073 + 2 + 32769

@@ -48,12 +48,20 @@ void accumulate_cuda(at::TensorList masters, at::TensorList grads, double scale,
   const AccumulateOptions options{static_cast<float>(scale), device_scalar(scale_tensor),
                                   static_cast<float>(post_scale), device_scalar(post_scale_tensor),
                                   overwrite, zero_grads, optional_output(found_inf), optional_output(sumsq)};
-  const int64_t workspace_bytes =
-      accumulate_workspace_bytes(pairs.data(), static_cast<int64_t>(pairs.size()), sumsq.has_value());
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({workspace_bytes}, masters[0].options().dtype(at::kByte));
-  const cudaError_t status = launch_accumulate(pairs.data(), static_cast<int64_t>(pairs.size()), options,
-                                               workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream);
+  // The scratch is freed when this frame ends, after the launches are enqueued: the caching allocator hands it out
+  // again only to later work on this stream.
+  struct Scratch {
+    at::Tensor tensor;
+    at::TensorOptions options;
+  } scratch{at::Tensor(), masters[0].options().dtype(at::kByte)};
+  const WorkspaceAllocator workspace{[](int64_t bytes, void* context) -> void* {
+                                       auto* s = static_cast<Scratch*>(context);
+                                       s->tensor = at::empty({bytes}, s->options);
+                                       return s->tensor.data_ptr();
+                                     },
+                                     &scratch};
+  const cudaError_t status =
+      launch_accumulate(pairs.data(), static_cast<int64_t>(pairs.size()), options, workspace, stream);
   TORCH_CHECK(status == cudaSuccess, "fusedaccum: CUDA launch failed: ", cudaGetErrorString(status));
 }
 

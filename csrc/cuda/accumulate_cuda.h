@@ -27,15 +27,21 @@ struct AccumulateOptions {
   float* sumsq;      // nullptr: not requested
 };
 
-// Bytes of device scratch the launcher needs for these pairs (sum-of-squares partials and the
-// completion counters); 0 when sumsq is not requested.
-int64_t accumulate_workspace_bytes(const TensorPair* pairs, int64_t count, bool want_sumsq);
+// Device scratch for the sum of squares (per-block partials and per-launch completion counters): asked for at most
+// once per launch_accumulate, after the launch tables are planned, and only when sumsq is requested. Returns memory
+// that stays valid for the launches enqueued on the stream (PyTorch's stream-ordered caching allocator gives that),
+// or nullptr, which fails the call with cudaErrorMemoryAllocation; it may also throw.
+struct WorkspaceAllocator {
+  void* (*allocate)(int64_t bytes, void* context);
+  void* context;
+};
 
-// Launches the fused pass on `stream`: one launch per launch table (PyTorch/Apex multi_tensor_apply
-// style), i.e. one launch in all for up to 320 tensors and 4096 64K-element chunks (64 and 256 where the
-// driver or the GPU cannot take 32 KB of kernel parameters: CUDA < 12.1 or compute capability < 7.0).
+// Plans the launch tables once, then launches the fused pass on `stream`: one launch per launch table
+// (PyTorch/Apex multi_tensor_apply style), i.e. one launch in all for up to 320 tensors and 4096 64K-element
+// chunks (64 and 256 where the driver or the GPU cannot take 32 KB of kernel parameters: CUDA < 12.1 or compute
+// capability < 7.0).
 cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
-                              void* workspace, cudaStream_t stream);
+                              const WorkspaceAllocator& workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fusedaccum

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "../accumulate_math.h"
 #include "accumulate_cuda.h"
@@ -243,56 +244,51 @@ void pack_launches(const TensorPair* pairs, int64_t count, OnLaunch&& on_launch)
   if (blocks > 0) flush();
 }
 
-struct Plan {
-  int64_t blocks = 0;
-  int64_t launches = 0;
+template <class Table>
+struct Launch {
+  Table table;
+  int blocks;
 };
 
 template <class Table>
-Plan plan_launches(const TensorPair* pairs, int64_t count) {
-  Plan plan;
-  pack_launches<Table>(pairs, count, [&](const Table&, int blocks) {
-    plan.blocks += blocks;
-    ++plan.launches;
+cudaError_t launch(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
+                   const WorkspaceAllocator& workspace, cudaStream_t stream) {
+  // Planned once: the scratch is sized from the very tables that are launched.
+  std::vector<Launch<Table>> launches;
+  int64_t total_blocks = 0;
+  pack_launches<Table>(pairs, count, [&](const Table& table, int blocks) {
+    launches.push_back(Launch<Table>{table, blocks});
+    total_blocks += blocks;
   });
-  return plan;
-}
-
-template <class Table>
-int64_t workspace_bytes(const TensorPair* pairs, int64_t count) {
-  const Plan plan = plan_launches<Table>(pairs, count);
-  return plan.blocks * int64_t(sizeof(float)) + plan.launches * int64_t(sizeof(unsigned int));
-}
-
-template <class Table>
-cudaError_t launch(const TensorPair* pairs, int64_t count, const AccumulateOptions& options, void* workspace,
-                   cudaStream_t stream) {
+  // Only empty tensors: nothing to launch, and no scratch or memset either.
+  if (launches.empty()) return cudaSuccess;
   float* partials = nullptr;
   unsigned int* counters = nullptr;
   if (options.sumsq != nullptr) {
-    const Plan plan = plan_launches<Table>(pairs, count);
-    // Only empty tensors: nothing to launch, and no memset (of a null workspace) either.
-    if (plan.launches == 0) return cudaSuccess;
-    partials = static_cast<float*>(workspace);
-    counters = reinterpret_cast<unsigned int*>(partials + plan.blocks);
-    const cudaError_t status = cudaMemsetAsync(counters, 0, plan.launches * sizeof(unsigned int), stream);
+    const int64_t launch_count = static_cast<int64_t>(launches.size());
+    void* scratch = workspace.allocate(
+        total_blocks * int64_t(sizeof(float)) + launch_count * int64_t(sizeof(unsigned int)), workspace.context);
+    if (scratch == nullptr) return cudaErrorMemoryAllocation;
+    partials = static_cast<float*>(scratch);
+    counters = reinterpret_cast<unsigned int*>(partials + total_blocks);
+    const cudaError_t status = cudaMemsetAsync(counters, 0, launch_count * sizeof(unsigned int), stream);
     if (status != cudaSuccess) return status;
   }
-  cudaError_t status = cudaSuccess;
-  pack_launches<Table>(pairs, count, [&](const Table& table, int blocks) {
-    if (status != cudaSuccess) return;
-    FUSEDACCUM_LAUNCH(accumulate_kernel<Table>, blocks, kThreads, stream, table, options, partials, counters);
-    status = cudaGetLastError();
+  for (const Launch<Table>& one : launches) {
+    FUSEDACCUM_LAUNCH(accumulate_kernel<Table>, one.blocks, kThreads, stream, one.table, options, partials,
+                      counters);
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
     if (partials != nullptr) {
-      partials += blocks;
+      partials += one.blocks;
       ++counters;
     }
-  });
-  return status;
+  }
+  return cudaSuccess;
 }
 
-// Large tables need CUDA >= 12.1 at build time and in the driver, and compute capability >= 7.0. Asked on every
-// call (a few host-side queries), so the workspace size and the launch always agree on the table.
+// Large tables need CUDA >= 12.1 at build time and in the driver, and compute capability >= 7.0 (a few host-side
+// queries per call).
 bool large_tables_supported() {
 #if CUDART_VERSION >= 12010
   int device = 0;
@@ -311,16 +307,8 @@ bool large_tables_supported() {
 
 }  // namespace
 
-int64_t accumulate_workspace_bytes(const TensorPair* pairs, int64_t count, bool want_sumsq) {
-  if (!want_sumsq) return 0;
-#if CUDART_VERSION >= 12010
-  if (large_tables_supported()) return workspace_bytes<LargeTable>(pairs, count);
-#endif
-  return workspace_bytes<ClassicTable>(pairs, count);
-}
-
 cudaError_t launch_accumulate(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
-                              void* workspace, cudaStream_t stream) {
+                              const WorkspaceAllocator& workspace, cudaStream_t stream) {
 #if CUDART_VERSION >= 12010
   if (large_tables_supported()) return launch<LargeTable>(pairs, count, options, workspace, stream);
 #endif

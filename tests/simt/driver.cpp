@@ -7,6 +7,7 @@
 //
 // Exit status 0: every case passed; 1: a check failed (printed); 2: the emulation reported a kernel bug.
 // Usage: driver [--quick]   (--quick: the TSan-sized matrix: smaller lists, no 257-block table split)
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -35,8 +36,8 @@ const char* simt_last_error();
 void simt_configure(uint64_t seed, int workers, int shuffle_threads, int driver_version, int compute_major);
 void simt_stats(int64_t* out);
 void simt_reset_stats();
-int64_t fa_workspace_bytes(const TensorPair* pairs, int64_t count, int want_sumsq);
-int fa_launch(const TensorPair* pairs, int64_t count, const AccumulateOptions* options, void* workspace);
+int fa_launch(const TensorPair* pairs, int64_t count, const AccumulateOptions* options,
+              void* (*allocate)(int64_t bytes, void* context), void* context);
 }
 
 namespace {
@@ -81,6 +82,21 @@ struct Buffer {
     return std::memcmp(raw.data(), guard_copy.data(), offset) == 0 &&
            std::memcmp(raw.data() + offset + bytes, guard_copy.data() + offset + bytes,
                        raw.size() - offset - bytes) == 0;
+  }
+};
+
+// The launcher's scratch, served as accumulate_cuda.cpp serves it (a fresh allocation per request): uninitialised
+// device memory (random bytes) between guards. The launcher must ask at most once per call (it plans once).
+struct Workspace {
+  std::mt19937_64* rng;
+  Buffer buffer;
+  int requests = 0;
+  static void* allocate(int64_t bytes, void* context) {
+    auto* w = static_cast<Workspace*>(context);
+    ++w->requests;
+    w->buffer = Buffer(size_t(bytes), 0, *w->rng);
+    w->buffer.poison_guards();
+    return w->buffer.data();
   }
 };
 
@@ -200,17 +216,15 @@ bool run_case(const Case& c, uint64_t value_seed, size_t master_misalign, size_t
                             c.zero_grads,
                             c.want_found_inf ? reinterpret_cast<float*>(found_buf.data()) : nullptr,
                             c.want_sumsq ? reinterpret_cast<float*>(sumsq_buf.data()) : nullptr};
-  const int64_t workspace_bytes = fa_workspace_bytes(pairs.data(), int64_t(count), c.want_sumsq);
-  CHECK(workspace_bytes >= 0, "%s: workspace sizing failed: %s", c.name.c_str(), simt_last_error());
-  Buffer workspace(size_t(workspace_bytes), 0, rng);  // uninitialised device memory: random bytes
+  Workspace workspace{&rng, Buffer(), 0};
   for (size_t t = 0; t < count; ++t) {
     masters[t].poison_guards();
     grads[t].poison_guards();
   }
-  for (Buffer* b : {&scale_buf, &post_buf, &found_buf, &sumsq_buf, &workspace}) b->poison_guards();
+  for (Buffer* b : {&scale_buf, &post_buf, &found_buf, &sumsq_buf}) b->poison_guards();
   int64_t before[6], after[6];
   simt_stats(before);
-  const int status = fa_launch(pairs.data(), int64_t(count), &options, workspace_bytes ? workspace.data() : nullptr);
+  const int status = fa_launch(pairs.data(), int64_t(count), &options, &Workspace::allocate, &workspace);
   if (status == -1) {
     std::fprintf(stderr, "EMULATION ERROR in %s: %s\n", c.name.c_str(), simt_last_error());
     std::exit(2);
@@ -225,9 +239,14 @@ bool run_case(const Case& c, uint64_t value_seed, size_t master_misalign, size_t
           (long long)c.sizes[t]);
     CHECK(grads[t].guards_intact(), "%s: write outside grads[%zu]", c.name.c_str(), t);
   }
-  for (Buffer* b : {&scale_buf, &post_buf, &found_buf, &sumsq_buf, &workspace}) {
-    CHECK(b->guards_intact(), "%s: write outside a scalar or the workspace", c.name.c_str());
+  const bool any_elements = std::any_of(c.sizes.begin(), c.sizes.end(), [](int64_t n) { return n > 0; });
+  CHECK(workspace.requests == (c.want_sumsq && any_elements ? 1 : 0), "%s: the launcher asked for scratch %d times",
+        c.name.c_str(), workspace.requests);
+  for (Buffer* b : {&scale_buf, &post_buf, &found_buf, &sumsq_buf}) {
+    CHECK(b->guards_intact(), "%s: write outside a scalar", c.name.c_str());
   }
+  CHECK(workspace.requests == 0 || workspace.buffer.guards_intact(), "%s: write outside the workspace",
+        c.name.c_str());
 
   // Per element: the shared maths, bit for bit.
   bool any_nonfinite = false;

@@ -46,6 +46,10 @@ class AccumulateOptions(ctypes.Structure):
                 ("found_inf", ctypes.c_void_p), ("sumsq", ctypes.c_void_p)]
 
 
+# fusedaccum::cuda::WorkspaceAllocator::allocate: void* (int64_t bytes, void* context)
+ALLOCATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+
+
 class EmulationError(RuntimeError):
     """The emulation found a bug in the kernel (divergent barrier, bad shuffle mask, deadlock, ...)."""
 
@@ -82,10 +86,8 @@ class EmulatedKernel:
         self.lib = ctypes.CDLL(str(library))
         self.lib.simt_last_error.restype = ctypes.c_char_p
         self.lib.simt_configure.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib.fa_workspace_bytes.restype = ctypes.c_int64
-        self.lib.fa_workspace_bytes.argtypes = [ctypes.POINTER(TensorPair), ctypes.c_int64, ctypes.c_int]
         self.lib.fa_launch.argtypes = [ctypes.POINTER(TensorPair), ctypes.c_int64,
-                                       ctypes.POINTER(AccumulateOptions), ctypes.c_void_p]
+                                       ctypes.POINTER(AccumulateOptions), ALLOCATE, ctypes.c_void_p]
         self.lib.simt_selftest.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
         self.configure()
 
@@ -127,16 +129,20 @@ class EmulatedKernel:
                 float(torch.tensor(scale, dtype=torch.float32)), guarded.stage_optional(scale_tensor),
                 float(torch.tensor(post_scale, dtype=torch.float32)), guarded.stage_optional(post_scale_tensor),
                 bool(overwrite), bool(zero_grads), guarded.stage_optional(found_inf), guarded.stage_optional(sumsq))
-            workspace_bytes = self.lib.fa_workspace_bytes(pairs, len(masters), int(sumsq is not None))
-            if workspace_bytes < 0:
-                raise EmulationError(self.error())
-            # Uninitialised device memory: poison it (the launcher must zero what it relies on).
-            workspace = guarded.scratch(workspace_bytes) if workspace_bytes > 0 else None
-            status = self.lib.fa_launch(pairs, len(masters), ctypes.byref(options), workspace)
+            requests = []
+
+            def allocate(nbytes, _context):
+                # Uninitialised device memory: poisoned (the launcher must zero what it relies on).
+                requests.append(nbytes)
+                return guarded.scratch(nbytes)
+
+            status = self.lib.fa_launch(pairs, len(masters), ctypes.byref(options), ALLOCATE(allocate), None)
             if status < 0:
                 raise EmulationError(self.error())
             if status != 0:
                 raise RuntimeError(f"fusedaccum: CUDA launch failed: cudaError {status}")
+            if len(requests) > 1:
+                raise EmulationError(f"the launcher asked for scratch {len(requests)} times in one call")
 
 
 class GuardedBuffers:

@@ -119,17 +119,11 @@ void simt_stats(int64_t* out) {
 
 void simt_reset_stats() { simt::stats() = simt::Stats{}; }
 
-int64_t fa_workspace_bytes(const TensorPair* pairs, int64_t count, int want_sumsq) {
-  int64_t bytes = 0;
-  const int status = guarded([&] {
-    bytes = fusedaccum::cuda::accumulate_workspace_bytes(pairs, count, want_sumsq != 0);
-    return 0;
-  });
-  return status == 0 ? bytes : -1;
-}
-
-// cudaError_t of the launcher, or -1 when the emulation found a bug (simt_last_error says which).
-int fa_launch(const TensorPair* pairs, int64_t count, const AccumulateOptions* options, void* workspace) {
+// cudaError_t of the launcher, or -1 when the emulation found a bug (simt_last_error says which). The launcher asks
+// `allocate` for its scratch, as accumulate_cuda.cpp serves it from the caching allocator.
+int fa_launch(const TensorPair* pairs, int64_t count, const AccumulateOptions* options,
+              void* (*allocate)(int64_t bytes, void* context), void* context) {
+  const fusedaccum::cuda::WorkspaceAllocator workspace{allocate, context};
   return guarded([&] { return int(fusedaccum::cuda::launch_accumulate(pairs, count, *options, workspace, nullptr)); });
 }
 

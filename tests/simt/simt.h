@@ -144,6 +144,7 @@ inline T max(T a, T b) {
 enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
 };
@@ -934,6 +935,8 @@ inline const char* cudaGetErrorString(cudaError_t e) {
       return "no error";
     case cudaErrorInvalidValue:
       return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument";
     default:

@@ -19,7 +19,9 @@ clipping, as Trainer logs it natively. With ``fp16=True``, accelerate's GradScal
 ``scaler.step(acc)`` + ``scaler.update()`` once per window, a window with an overflow skipped as a whole.
 
 Needs transformers >= 5.3 (its ``Trainer._clip_grad_norm`` / ``_get_grad_norm``, the two places where Trainer
-computes the norm and clips) and accelerate >= 1.1 (what transformers 5.3 requires). See docs/transformers.md.
+computes the norm and clips) and accelerate >= 1.3 (the oldest with which transformers 5.3's Trainer runs: it
+calls ``unwrap_model(keep_torch_compile=...)``, though it declares accelerate >= 1.1). Tested with 5.3.0 + 1.3.0
+and 5.24.0 + 1.16.0. See docs/transformers.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ try:
     from transformers import Trainer, TrainerCallback
 except ImportError as error:  # an optional extra: fusedaccum itself never needs it
     raise ImportError(
-        "fusedaccum.integrations.transformers needs transformers >= 5.3 and accelerate >= 1.1: "
+        "fusedaccum.integrations.transformers needs transformers >= 5.3 and accelerate >= 1.3: "
         "pip install 'fusedaccum[integrations]'"
     ) from error
 

@@ -364,6 +364,7 @@ def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
     ("open_window_accumulator", "already a GradAccumulator"),
     ("owned_option", r"fusedaccum_options\['max_grad_norm'\] is set by the trainer"),
     ("unknown_option", "unknown fusedaccum_options key 'accumulation'"),
+    ("unknown_backend", "unknown backend 'cuda_fast'"),
     ("lomo", "optim='lomo'"),
     ("multi_process", "multi-process training"),
 ])
@@ -380,6 +381,8 @@ def test_refuses_what_would_go_silently_wrong(case: str, match: str, tmp_path: P
         kwargs["fusedaccum_options"] = {"max_grad_norm": 1.0}
     elif case == "unknown_option":
         kwargs["fusedaccum_options"] = {"accumulation": 4}
+    elif case == "unknown_backend":
+        kwargs["fusedaccum_options"] = {"backend": "cuda_fast"}
     elif case == "lomo":
         args = arguments(tmp_path, optim="lomo")
     elif case == "multi_process":

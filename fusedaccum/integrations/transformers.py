@@ -41,6 +41,7 @@ except ImportError as error:  # an optional extra: fusedaccum itself never needs
         "pip install 'fusedaccum[integrations]'"
     ) from error
 
+from .. import backends
 from ..accumulator import GradAccumulator
 
 __all__ = ["MIN_TRANSFORMERS", "FusedAccumMixin", "FusedAccumTrainer"]
@@ -117,9 +118,10 @@ class FusedAccumMixin:
 
     # Trainer calls these two right before optimizer.step(): _clip_grad_norm when max_grad_norm > 0, then
     # _get_grad_norm, whose result it logs after the step. Natively both go through accelerator.clip_grad_norm_ over
-    # p.grad, which the hooks leave empty (and, with fp16, it would unscale through the scaler a second time). The
-    # wrapper clips inside optimizer.step() with the window's fused norm, known only then: Trainer gets a tensor
-    # that _AfterOptimizerStep fills with that norm right after the step, before Trainer reads it (.item()) to log.
+    # p.grad, which the hooks leave empty (and, with fp16, call GradScaler.unscale_, which the wrapper refuses: it
+    # unscales in its fused pass). The wrapper clips inside optimizer.step() with the window's fused norm, known only
+    # then: Trainer gets a tensor that _AfterOptimizerStep fills with that norm right after the step, before Trainer
+    # reads it (.item()) to log.
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         return self._norm_slot()
 
@@ -210,6 +212,11 @@ def _checked_options(options: dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(
                 f"fusedaccum: unknown fusedaccum_options key {key!r}; the trainer takes {', '.join(_ALLOWED)}"
             )
+    # Checked now, not when train() builds the optimizer: a typo should not wait for the end of data loading.
+    if "master_weights" in options and not isinstance(options["master_weights"], bool):
+        raise TypeError(f"fusedaccum: fusedaccum_options['master_weights'] must be a bool, got "
+                        f"{options['master_weights']!r}")
+    backends.check_name(options.get("backend"), "fusedaccum_options['backend']")
     return dict(options)
 
 

@@ -86,13 +86,25 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 class Snapshots(TrainerCallback):
-    """The parameters after every update (on_step_end), to compare runs update by update."""
+    """The parameters after every update (on_step_end), to compare runs update by update; at each evaluation, the
+    bytes the wrapper's fp32 masters hold (if there is a wrapper)."""
 
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
+        self.master_bytes_at_eval: list[int] = []
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.params.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        acc = getattr(optimizer, "optimizer", None)
+        if isinstance(acc, GradAccumulator):
+            self.master_bytes_at_eval.append(master_bytes(acc))
+
+
+def master_bytes(acc: GradAccumulator) -> int:
+    """The memory the wrapper's fp32 master buffers hold now (0 once released; read without re-allocating)."""
+    return sum(b.untyped_storage().nbytes() for b in acc._masters.buffers.values())
 
 
 def arguments(out: Path, **overrides: Any) -> TrainingArguments:
@@ -104,7 +116,7 @@ def arguments(out: Path, **overrides: Any) -> TrainingArguments:
 
 def make(cls: type, out: Path, data_seed: int, *, optimizers: Any = None, mean_loss: bool = False,
          scaler: torch.amp.GradScaler | None = None, fusedaccum_options: dict[str, Any] | None = None,
-         **overrides: Any) -> Trainer:
+         eval_data_seed: int | None = None, **overrides: Any) -> Trainer:
     """A trainer of ``cls`` on a fresh tiny Llama (same init for every run). ``optimizers``: a function of the model
     giving Trainer's ``optimizers=`` pair. ``mean_loss``: the model's loss is its per-micro-batch token mean and
     Trainer divides it by the window's length (the path taken by models that accept no loss kwargs), instead of
@@ -113,6 +125,8 @@ def make(cls: type, out: Path, data_seed: int, *, optimizers: Any = None, mean_l
     extra: dict[str, Any] = {} if optimizers is None else {"optimizers": optimizers(model)}
     if fusedaccum_options is not None:
         extra["fusedaccum_options"] = fusedaccum_options
+    if eval_data_seed is not None:
+        extra["eval_dataset"] = RandomTokens(eval_data_seed, count=8)
     trainer = cls(model=model, args=arguments(out, **overrides), train_dataset=RandomTokens(data_seed),
                   callbacks=[Snapshots()], **extra)
     if mean_loss:
@@ -182,7 +196,8 @@ def test_matches_native_trainer_accumulation(loss: str, tmp_path: Path) -> None:
         setup: dict[str, Any] = {"max_grad_norm": max_norm}
         fused_setup: dict[str, Any] = {}
     else:
-        setup = {"mean_loss": True, "optimizers": adamw_with_linear_decay, "max_grad_norm": 0.0}
+        setup = {"mean_loss": True, "optimizers": adamw_with_linear_decay, "max_grad_norm": 0.0,
+                 "eval_data_seed": 15, "eval_strategy": "steps", "eval_steps": N}
         fused_setup = {"fusedaccum_options": {"backend": "reference"}}
     runs = {}
     for name, cls, extra in (("native", Trainer, {}), ("fused", FusedAccumTrainer, fused_setup)):
@@ -211,6 +226,12 @@ def test_matches_native_trainer_accumulation(loss: str, tmp_path: Path) -> None:
     assert fused_clips == []  # under the wrapper it never does: the wrapper clips and measures the window
     assert all(p.grad is None for p in fused.model.parameters())
     assert fused.accumulator.micro_step == 0 and fused.accumulator.skipped_windows == 0
+    assert master_bytes(fused.accumulator) == 0  # freed at the end of training (a window boundary)
+    if loss == "window_mean":  # evaluated after updates 3, 6 and the last: the masters were freed for it each time
+        assert [e["step"] for e in fused.state.log_history if "eval_loss" in e] == [N, 2 * N, expected_updates]
+        assert next(cb for cb in fused.callback_handler.callbacks if isinstance(cb, Snapshots)) \
+            .master_bytes_at_eval == [0, 0, 0]
+        torch.testing.assert_close(logged(fused, "eval_loss"), logged(native, "eval_loss"), rtol=1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["no_clip", "clip"])

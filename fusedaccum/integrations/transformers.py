@@ -140,7 +140,9 @@ class FusedAccumTrainer(FusedAccumMixin, Trainer):
 
 class _AfterOptimizerStep(TrainerCallback):
     """Right after Trainer's ``optimizer.step()``: the logged norm becomes the window's, and a window the wrapper
-    skipped (an inf/nan gradient, with or without GradScaler) counts as skipped for Trainer's LR scheduler."""
+    skipped (an inf/nan gradient, with or without GradScaler) counts as skipped for Trainer's LR scheduler. Before
+    an evaluation and at the end of training (window boundaries), the fp32 masters are freed: they hold nothing of
+    use there, and the next backward re-allocates them."""
 
     def __init__(self, trainer: FusedAccumMixin) -> None:
         self._trainer = weakref.ref(trainer)  # the trainer holds this callback: no cycle
@@ -172,6 +174,21 @@ class _AfterOptimizerStep(TrainerCallback):
                 "AcceleratedOptimizer._is_overflow to say so (this accelerate does not match the integration): "
                 "Trainer would step the LR scheduler for a window that changed nothing"
             )
+
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Trainer's DefaultFlowCallback (before this one) has just decided whether to evaluate after this update.
+        if control.should_evaluate:
+            self._release()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        trainer = self._trainer()
+        acc = None if trainer is None else trainer._fusedaccum
+        if acc is not None and acc.micro_step == 0:  # a window boundary (a callback may stop training mid-window)
+            acc.release_masters()
 
 
 def _unwrapped(optimizer: Any) -> Any:

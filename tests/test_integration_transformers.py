@@ -227,10 +227,13 @@ def test_matches_native_trainer_accumulation(loss: str, tmp_path: Path) -> None:
     assert all(p.grad is None for p in fused.model.parameters())
     assert fused.accumulator.micro_step == 0 and fused.accumulator.skipped_windows == 0
     assert master_bytes(fused.accumulator) == 0  # freed at the end of training (a window boundary)
-    if loss == "window_mean":  # evaluated after updates 3, 6 and the last: the masters were freed for it each time
-        assert [e["step"] for e in fused.state.log_history if "eval_loss" in e] == [N, 2 * N, expected_updates]
+    if loss == "window_mean":  # evaluated after updates 3 and 6 (5.24 also after the last; 5.3 does not): the
+        # masters were freed for each evaluation
+        evaluated = [e["step"] for e in fused.state.log_history if "eval_loss" in e]
+        assert evaluated[:2] == [N, 2 * N]
+        assert evaluated == [e["step"] for e in native.state.log_history if "eval_loss" in e]
         assert next(cb for cb in fused.callback_handler.callbacks if isinstance(cb, Snapshots)) \
-            .master_bytes_at_eval == [0, 0, 0]
+            .master_bytes_at_eval == [0] * len(evaluated)
         torch.testing.assert_close(logged(fused, "eval_loss"), logged(native, "eval_loss"), rtol=1e-6, atol=0.0)
 
 

@@ -51,6 +51,7 @@ def test_declared_torch_range_covers_the_tested_torches() -> None:
     assert extras["triton"].specifier.contains("3.6.0"), "the oldest triton (make check-oldest-torch) is supported"
     declared = set(importlib.metadata.metadata("fusedaccum").get_all("Provides-Extra"))
     assert {"triton", "test", "bench", "integrations"} <= declared
+    assert importlib.metadata.metadata("fusedaccum")["License-Expression"] == "BSD-3-Clause"
 
 
 @pytest.mark.parametrize(

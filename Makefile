@@ -11,7 +11,8 @@ CPU_TORCH_VERSION ?= 2.13.0
 CPU_VENV ?= .venv-cputorch
 OLDEST_TORCH_VERSION ?= 2.11.0
 OLDEST_VENV ?= .venv-oldest
-TOOLS = ninja pybind11 pytest hypothesis numpy matplotlib tqdm packaging setuptools wheel
+# setuptools>=77 reads pyproject's SPDX license field; a fresh venv brings an older one that pip would keep.
+TOOLS = ninja pybind11 pytest hypothesis numpy matplotlib tqdm packaging 'setuptools>=77' wheel
 # The frameworks fusedaccum.integrations serves; the tests run each for real (the package does not need them).
 INTEGRATIONS = transformers accelerate lightning
 
@@ -49,7 +50,7 @@ bench: build
 check-cpu-torch:
 	@test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
 	$(CPU_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CPU_VENV)/bin/python -m pip install --quiet torch==$(CPU_TORCH_VERSION) pytest hypothesis setuptools wheel ninja
+	$(CPU_VENV)/bin/python -m pip install --quiet torch==$(CPU_TORCH_VERSION) pytest hypothesis 'setuptools>=77' wheel ninja
 	$(call copy_tree,$(CPU_VENV))
 	@cd $(CPU_VENV)/src && if FUSEDACCUM_BUILD_CUDA=1 ../bin/python setup.py --version > ../refusal.log 2>&1; then \
 		echo "FUSEDACCUM_BUILD_CUDA=1 with a CPU-only torch should have failed"; exit 1; fi; \

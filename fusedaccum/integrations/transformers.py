@@ -175,7 +175,6 @@ class _AfterOptimizerStep(TrainerCallback):
                 "Trainer would step the LR scheduler for a window that changed nothing"
             )
 
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Trainer's DefaultFlowCallback (before this one) has just decided whether to evaluate after this update.
         if control.should_evaluate:

@@ -188,11 +188,7 @@ class AllReduceReduction(LocalReduction):
         if weight_sum == 0.0:  # flush() with every rank's window empty
             return False
         if not masters.any_touched():
-            raise RuntimeError(
-                "fusedaccum: the update is due (on every rank) but no parameter received a gradient in the whole "
-                "window; call loss.backward() before acc.step(). Refusing to apply an all-zero update (nothing was "
-                "changed) (the window was dropped on every rank)"
-            )
+            raise RuntimeError(window.no_grads_message("on every rank") + " (the window was dropped on every rank)")
         window.weight_sum = weight_sum
         masters.set_found(device, overflow)
         masters.zero_sumsq()

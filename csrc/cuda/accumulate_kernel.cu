@@ -253,7 +253,26 @@ struct Launch {
 template <class Table>
 cudaError_t launch(const TensorPair* pairs, int64_t count, const AccumulateOptions& options,
                    const WorkspaceAllocator& workspace, cudaStream_t stream) {
-  // Planned once: the scratch is sized from the very tables that are launched.
+  float* partials = nullptr;
+  unsigned int* counters = nullptr;
+  cudaError_t status = cudaSuccess;
+  auto launch_table = [&](const Table& table, int blocks) {
+    if (status != cudaSuccess) return;
+    FUSEDACCUM_LAUNCH(accumulate_kernel<Table>, blocks, kThreads, stream, table, options, partials, counters);
+    status = cudaGetLastError();
+    if (partials != nullptr) {
+      partials += blocks;
+      ++counters;
+    }
+  };
+  if (options.sumsq == nullptr) {
+    // Every micro-step but a window's last: no scratch to size, so each table is launched as it is packed (no
+    // copy of the tables, up to 32 KB each, and no heap allocation).
+    pack_launches<Table>(pairs, count, launch_table);
+    return status;
+  }
+  // The sum of squares needs its scratch before the first launch: the tables are packed once and kept, so the
+  // scratch is sized from the very tables that are launched.
   std::vector<Launch<Table>> launches;
   int64_t total_blocks = 0;
   pack_launches<Table>(pairs, count, [&](const Table& table, int blocks) {
@@ -262,29 +281,15 @@ cudaError_t launch(const TensorPair* pairs, int64_t count, const AccumulateOptio
   });
   // Only empty tensors: nothing to launch, and no scratch or memset either.
   if (launches.empty()) return cudaSuccess;
-  float* partials = nullptr;
-  unsigned int* counters = nullptr;
-  if (options.sumsq != nullptr) {
-    const int64_t launch_count = static_cast<int64_t>(launches.size());
-    void* scratch = workspace.allocate(
-        total_blocks * int64_t(sizeof(float)) + launch_count * int64_t(sizeof(unsigned int)), workspace.context);
-    if (scratch == nullptr) return cudaErrorMemoryAllocation;
-    partials = static_cast<float*>(scratch);
-    counters = reinterpret_cast<unsigned int*>(partials + total_blocks);
-    const cudaError_t status = cudaMemsetAsync(counters, 0, launch_count * sizeof(unsigned int), stream);
-    if (status != cudaSuccess) return status;
-  }
-  for (const Launch<Table>& one : launches) {
-    FUSEDACCUM_LAUNCH(accumulate_kernel<Table>, one.blocks, kThreads, stream, one.table, options, partials,
-                      counters);
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) return status;
-    if (partials != nullptr) {
-      partials += one.blocks;
-      ++counters;
-    }
-  }
-  return cudaSuccess;
+  const int64_t launch_count = static_cast<int64_t>(launches.size());
+  void* scratch = workspace.allocate(
+      total_blocks * int64_t(sizeof(float)) + launch_count * int64_t(sizeof(unsigned int)), workspace.context);
+  if (scratch == nullptr) return cudaErrorMemoryAllocation;
+  partials = static_cast<float*>(scratch);
+  counters = reinterpret_cast<unsigned int*>(partials + total_blocks);
+  status = cudaMemsetAsync(counters, 0, launch_count * sizeof(unsigned int), stream);
+  for (const Launch<Table>& one : launches) launch_table(one.table, one.blocks);
+  return status;
 }
 
 // Large tables need CUDA >= 12.1 at build time and in the driver, and compute capability >= 7.0 (a few host-side
